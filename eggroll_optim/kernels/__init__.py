@@ -1,0 +1,15 @@
+"""Pure-torch EGGROLL math shared by the functional API and the optimizer class."""
+from .conv import perturbed_conv
+from .gradient import es_gradient, fullrank_gradient_sum, lowrank_gradient_sum
+from .linear import lowrank_linear_delta, perturbed_linear
+from .population import split_shared
+
+__all__ = [
+    "es_gradient",
+    "fullrank_gradient_sum",
+    "lowrank_gradient_sum",
+    "lowrank_linear_delta",
+    "perturbed_conv",
+    "perturbed_linear",
+    "split_shared",
+]

@@ -1,0 +1,76 @@
+"""Perturbed linear layer, never materialising ``E_i`` (SPEC §3).
+
+``y_i = x_i Wᵀ + b + (x_i B_i) A_scaled_iᵀ``; a shared input computes ``x Wᵀ + b`` once.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .checks import check_factors
+from .population import split_shared
+
+__all__ = ["lowrank_linear_delta", "perturbed_linear"]
+
+
+def _project(x: torch.Tensor, B: torch.Tensor, shared: bool) -> torch.Tensor:
+    """``x_i B_i``: shared ``x (M, in)`` or per-member ``(N, M, in)`` -> ``(N, M, r)``."""
+    N, in_dim, r = B.shape
+    if shared:
+        # one GEMM against every member's B at once: (M, in) @ (in, N*r)
+        xB = x @ B.permute(1, 0, 2).reshape(in_dim, N * r)  # (M, N*r)
+        return xB.view(x.shape[0], N, r).transpose(0, 1)  # (N, M, r)
+    return torch.bmm(x, B)  # (N, M, r)
+
+
+def lowrank_linear_delta(
+    x: torch.Tensor, B: torch.Tensor, A_scaled: torch.Tensor, shared: bool | None = None
+) -> torch.Tensor:
+    """The low-rank term ``(x_i B_i) A_scaled_iᵀ`` alone.
+
+    Args:
+        x: ``(N, *batch, in)`` per member, or a shared ``(*batch, in)`` / stride-0 expand.
+        B: ``(N, in, r)``; A_scaled: ``(N, out, r)``.
+    Returns:
+        ``(N, *batch, out)``.
+    """
+    N, out_dim, _ = A_scaled.shape
+    check_factors("lowrank_linear_delta", out_dim, B.shape[1], A_scaled, B, x)
+    x, shared = split_shared(x, N, 1, shared)
+    batch = x.shape[:-1] if shared else x.shape[1:-1]
+    x3 = x.reshape(-1, x.shape[-1]) if shared else x.reshape(N, -1, x.shape[-1])
+    delta = torch.bmm(_project(x3, B, shared), A_scaled.transpose(1, 2))  # (N, M, out)
+    return delta.view(N, *batch, out_dim)
+
+
+def perturbed_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    A_scaled: torch.Tensor,
+    B: torch.Tensor,
+    shared: bool | None = None,
+) -> torch.Tensor:
+    """``x_i Wᵀ + b + (x_i B_i) A_scaled_iᵀ`` for every member ``i``.
+
+    Args:
+        x: ``(N, *batch, in)`` per member, or a shared ``(*batch, in)`` (also a stride-0
+            ``x.expand(N, ...)``): then ``x Wᵀ + b`` is computed once and broadcast.
+        weight: ``(out, in)``; bias: ``(out,)`` or ``None``.
+        A_scaled: ``(N, out, r)``, carries sign and ``sigma / sqrt(r)``; B: ``(N, in, r)``.
+        shared: force the input's interpretation (see ``split_shared``); ``None`` infers it.
+    Returns:
+        ``(N, *batch, out)``.
+    """
+    N, out_dim, _ = A_scaled.shape
+    if weight.dim() != 2:
+        raise ValueError(f"perturbed_linear: weight must be 2-D, got shape {tuple(weight.shape)}")
+    check_factors("perturbed_linear", weight.shape[0], weight.shape[1], A_scaled, B, x, weight)
+    x, shared = split_shared(x, N, 1, shared)
+    batch = x.shape[:-1] if shared else x.shape[1:-1]
+    x3 = x.reshape(-1, x.shape[-1]) if shared else x.reshape(N, -1, x.shape[-1])
+    base = F.linear(x3, weight, bias)  # (M, out) shared, (N, M, out) per member
+    if shared:
+        base = base.unsqueeze(0).expand(N, *base.shape)
+    out = torch.baddbmm(base, _project(x3, B, shared), A_scaled.transpose(1, 2))  # (N, M, out)
+    return out.view(N, *batch, out_dim)

@@ -1,0 +1,25 @@
+"""Per-member losses and fitness: ``(N, *batch, ...)`` predictions -> ``(N,)``."""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["compute_classification_fitness", "per_member_cross_entropy", "per_member_mse"]
+
+
+def per_member_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy per member: logits ``(N, *batch, C)``, labels ``(*batch,)`` shared or
+    ``(N, *batch)`` -> ``(N,)``."""
+    log_probs = torch.log_softmax(logits, dim=-1)
+    labels = labels.expand(logits.shape[:-1])
+    nll = -log_probs.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (N, *batch)
+    return nll.flatten(1).mean(dim=1)
+
+
+def per_member_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error per member: prediction ``(N, *batch, ...)``, target shared or per member."""
+    return (prediction - target).square().flatten(1).mean(dim=1)
+
+
+def compute_classification_fitness(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``-cross_entropy`` per member (higher is better): ``(N, B, C)``, ``(B,)`` -> ``(N,)``."""
+    return -per_member_cross_entropy(logits, labels)

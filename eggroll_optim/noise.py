@@ -1,0 +1,120 @@
+"""Low-rank antithetic noise: factors from a user generator, or regenerated from a key.
+
+Layout (SPEC §2): members ``2k`` and ``2k+1`` share one draw ``(A_k, B_k)``; member ``2k`` gets
+``+A_k`` and member ``2k+1`` gets ``-A_k``. ``A_scaled`` carries sign and ``sigma / sqrt(rank)``;
+``B`` carries neither.
+
+Keyed noise (SPEC §6) is a pure function of ``(seed, step, param, pair)``: pairs are grouped in
+blocks of ``block_pairs`` and each block is drawn from its own ``torch.Generator`` seeded with a
+splitmix64 hash of ``(seed, step, param, block)``. A slice of pairs (a chunk, a distributed rank)
+is rebuilt by drawing only the blocks that cover it, so its numbers do not depend on how the
+population was sliced.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "DEFAULT_BLOCK_PAIRS",
+    "antithetic",
+    "draw_pair_factors",
+    "keyed_pair_factors",
+    "noise_key",
+    "noise_dtype",
+]
+
+DEFAULT_BLOCK_PAIRS = 256
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def noise_key(*parts: int) -> int:
+    """Hash integers (seed, step, param index, block, ...) into one 63-bit generator seed."""
+    h = 0
+    for part in parts:
+        h = _splitmix64(h ^ (int(part) & _MASK64))
+    return h >> 1
+
+
+def noise_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Noise is drawn in the parameter's dtype, or float32 for half types (SPEC §6)."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def draw_pair_factors(
+    num_pairs: int,
+    out_dim: int,
+    in_dim: int,
+    rank: int,
+    generator: torch.Generator | None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw unscaled factors ``A (P, out_dim, rank)`` and ``B (P, in_dim, rank)``, i.i.d. N(0, 1).
+
+    The device is the generator's device unless ``device`` is given.
+    """
+    if device is None:
+        device = generator.device if generator is not None else torch.device("cpu")
+    A = torch.randn(num_pairs, out_dim, rank, generator=generator, dtype=dtype, device=device)
+    B = torch.randn(num_pairs, in_dim, rank, generator=generator, dtype=dtype, device=device)
+    return A, B
+
+
+def antithetic(
+    A: torch.Tensor, B: torch.Tensor, sigma: float, rank: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Interleave pair factors into a population.
+
+    Args:
+        A: ``(P, m, r)`` unscaled pair factors.
+        B: ``(P, n, r)`` pair factors.
+    Returns:
+        ``A_scaled (2P, m, r)`` = ``s_i * sigma / sqrt(r) * A``, ``A_signed (2P, m, r)`` = ``s_i * A``,
+        ``B (2P, n, r)``, with ``s = (+1, -1, +1, -1, ...)``.
+    """
+    A_signed = torch.stack((A, -A), dim=1).flatten(0, 1)  # (2P, m, r)
+    B_pop = torch.stack((B, B), dim=1).flatten(0, 1)  # (2P, n, r)
+    A_scaled = A_signed * (sigma / math.sqrt(rank))
+    return A_scaled, A_signed, B_pop
+
+
+def keyed_pair_factors(
+    key: int,
+    out_dim: int,
+    in_dim: int,
+    rank: int,
+    pair_start: int,
+    pair_stop: int,
+    *,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+    block_pairs: int = DEFAULT_BLOCK_PAIRS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Regenerate the unscaled factors of pairs ``[pair_start, pair_stop)`` from ``key``.
+
+    ``key`` is ``noise_key(seed, step, param_index)``. Returns ``A (P, m, r)``, ``B (P, n, r)``.
+    """
+    if not 0 <= pair_start < pair_stop:
+        raise ValueError(f"Invalid pair range [{pair_start}, {pair_stop})")
+    device = torch.device(device)
+    first, last = pair_start // block_pairs, (pair_stop - 1) // block_pairs
+    A_blocks, B_blocks = [], []
+    for block in range(first, last + 1):
+        gen = torch.Generator(device=device).manual_seed(noise_key(key, block))
+        A, B = draw_pair_factors(block_pairs, out_dim, in_dim, rank, gen, dtype, device)
+        A_blocks.append(A)
+        B_blocks.append(B)
+    lo = pair_start - first * block_pairs
+    hi = lo + (pair_stop - pair_start)
+    A = A_blocks[0] if len(A_blocks) == 1 else torch.cat(A_blocks)
+    B = B_blocks[0] if len(B_blocks) == 1 else torch.cat(B_blocks)
+    return A[lo:hi], B[lo:hi]

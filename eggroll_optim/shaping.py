@@ -1,0 +1,96 @@
+"""Fitness shaping (SPEC §4): small pure functions ``(N,) -> (N,)``, higher fitness is better.
+
+``SHAPINGS`` is the registry; ``resolve_shaping`` turns a name or callable into a function.
+``check_fitness`` validates a raw fitness vector and applies the NaN policy.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+__all__ = ["SHAPINGS", "centered_rank", "check_fitness", "identity", "resolve_shaping", "zscore"]
+
+Shaping = Callable[[torch.Tensor], torch.Tensor]
+NAN_POLICIES = ("raise", "worst")
+
+
+def zscore(fitness: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """``(f - mean f) / sqrt(var f + eps)`` with the population variance (ddof 0)."""
+    centered = fitness - fitness.mean()
+    return centered / torch.sqrt(centered.square().mean() + eps)
+
+
+def centered_rank(fitness: torch.Tensor) -> torch.Tensor:
+    """Ranks mapped linearly to ``[-0.5, 0.5]`` (lowest -> -0.5), ties get their average rank."""
+    n = fitness.numel()
+    values, order = fitness.sort()
+    _, inverse, counts = torch.unique_consecutive(values, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0) - 1
+    average = (ends - (counts - 1) / 2).to(fitness.dtype)  # mean of each tie run's ranks
+    ranks = torch.empty_like(fitness)
+    ranks[order] = average[inverse]
+    return ranks / (n - 1) - 0.5
+
+
+def identity(fitness: torch.Tensor) -> torch.Tensor:
+    """No shaping."""
+    return fitness
+
+
+SHAPINGS: dict[str, Shaping] = {"zscore": zscore, "centered_rank": centered_rank, "none": identity}
+
+
+def resolve_shaping(shaping: str | Shaping) -> Shaping:
+    """A registry name or a callable ``(N,) -> (N,)``."""
+    if callable(shaping):
+        return shaping
+    if shaping not in SHAPINGS:
+        raise ValueError(f"Unknown fitness_shaping {shaping!r}; expected one of {sorted(SHAPINGS)} or a callable")
+    return SHAPINGS[shaping]
+
+
+def _replace_nonfinite(fitness: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+    finite = fitness[~bad]
+    if finite.numel() == 0:
+        raise ValueError("Every fitness value is NaN or inf; nothing to learn from")
+    spread = (finite.max() - finite.min()).clamp_min(1.0)
+    return torch.where(bad, finite.min() - spread, fitness)
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:0`` count as the same device when one of them has no index."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+def check_fitness(
+    fitness: torch.Tensor,
+    population_size: int,
+    device: torch.device | None = None,
+    nan_policy: str = "raise",
+) -> torch.Tensor:
+    """Validate a raw fitness ``(N,)`` and handle NaN/inf.
+
+    ``nan_policy="raise"`` raises ``ValueError`` naming how many members and which (first few);
+    ``"worst"`` gives them a value below every finite member. One host sync per call.
+    """
+    if not isinstance(fitness, torch.Tensor):
+        raise TypeError(f"fitness must be a torch.Tensor of shape ({population_size},), got {type(fitness).__name__}")
+    if fitness.shape != (population_size,):
+        raise ValueError(f"fitness must have shape ({population_size},), got {tuple(fitness.shape)}")
+    if not fitness.is_floating_point():
+        raise TypeError(f"fitness must be a floating-point tensor, got {fitness.dtype}; use fitness.float()")
+    if device is not None and not same_device(fitness.device, torch.device(device)):
+        raise ValueError(f"fitness is on {fitness.device}, expected {device} (the parameters' device)")
+    if nan_policy not in NAN_POLICIES:
+        raise ValueError(f"Unknown nan_policy {nan_policy!r}; expected one of {NAN_POLICIES}")
+    bad = ~torch.isfinite(fitness)
+    if not bool(bad.any()):
+        return fitness
+    if nan_policy == "worst":
+        return _replace_nonfinite(fitness, bad)
+    idx = bad.nonzero().flatten().tolist()
+    raise ValueError(
+        f"fitness has {len(idx)} NaN/inf member(s) of {population_size}, at indices {idx[:8]}"
+        f"{' ...' if len(idx) > 8 else ''}; pass nan_policy='worst' to rank them last"
+    )

@@ -18,12 +18,16 @@ from .core import (
     perturbed_linear,
     update_params,
 )
+from .optimizer import EggrollOptimizer
+from .population import Population
 from .losses import compute_classification_fitness, per_member_cross_entropy, per_member_mse
 
 __version__ = "0.1.0"
 
 __all__ = [
     "EggrollConfig",
+    "EggrollOptimizer",
+    "Population",
     "apply_lowrank_perturbation",
     "compute_classification_fitness",
     "compute_es_gradient",

@@ -21,6 +21,7 @@ __all__ = [
     "antithetic",
     "draw_pair_factors",
     "keyed_pair_factors",
+    "keyed_pair_normals",
     "noise_key",
     "noise_dtype",
 ]
@@ -87,6 +88,36 @@ def antithetic(
     return A_scaled, A_signed, B_pop
 
 
+def keyed_pair_normals(
+    key: int,
+    shapes: list[tuple[int, ...]],
+    pair_start: int,
+    pair_stop: int,
+    *,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+    block_pairs: int = DEFAULT_BLOCK_PAIRS,
+) -> list[torch.Tensor]:
+    """N(0, 1) tensors ``(P, *shape)`` for pairs ``[pair_start, pair_stop)``, one per shape.
+
+    Block ``j`` of ``block_pairs`` pairs draws every shape in order from one generator seeded
+    with ``noise_key(key, j)``; the requested pairs are sliced out of the covering blocks.
+    """
+    if not 0 <= pair_start < pair_stop:
+        raise ValueError(f"Invalid pair range [{pair_start}, {pair_stop})")
+    if block_pairs < 1:
+        raise ValueError(f"Invalid block_pairs: {block_pairs} (expected >= 1)")
+    device = torch.device(device)
+    first, last = pair_start // block_pairs, (pair_stop - 1) // block_pairs
+    blocks = []
+    for block in range(first, last + 1):
+        gen = torch.Generator(device=device).manual_seed(noise_key(key, block))
+        blocks.append([torch.randn(block_pairs, *shape, generator=gen, dtype=dtype, device=device) for shape in shapes])
+    lo = pair_start - first * block_pairs
+    hi = lo + (pair_stop - pair_start)
+    return [(parts[0] if len(parts) == 1 else torch.cat(parts))[lo:hi] for parts in zip(*blocks)]
+
+
 def keyed_pair_factors(
     key: int,
     out_dim: int,
@@ -103,18 +134,8 @@ def keyed_pair_factors(
 
     ``key`` is ``noise_key(seed, step, param_index)``. Returns ``A (P, m, r)``, ``B (P, n, r)``.
     """
-    if not 0 <= pair_start < pair_stop:
-        raise ValueError(f"Invalid pair range [{pair_start}, {pair_stop})")
-    device = torch.device(device)
-    first, last = pair_start // block_pairs, (pair_stop - 1) // block_pairs
-    A_blocks, B_blocks = [], []
-    for block in range(first, last + 1):
-        gen = torch.Generator(device=device).manual_seed(noise_key(key, block))
-        A, B = draw_pair_factors(block_pairs, out_dim, in_dim, rank, gen, dtype, device)
-        A_blocks.append(A)
-        B_blocks.append(B)
-    lo = pair_start - first * block_pairs
-    hi = lo + (pair_stop - pair_start)
-    A = A_blocks[0] if len(A_blocks) == 1 else torch.cat(A_blocks)
-    B = B_blocks[0] if len(B_blocks) == 1 else torch.cat(B_blocks)
-    return A[lo:hi], B[lo:hi]
+    A, B = keyed_pair_normals(
+        key, [(out_dim, rank), (in_dim, rank)], pair_start, pair_stop,
+        device=device, dtype=dtype, block_pairs=block_pairs,
+    )
+    return A, B

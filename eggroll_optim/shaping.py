@@ -16,8 +16,11 @@ NAN_POLICIES = ("raise", "worst")
 
 
 def zscore(fitness: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """``(f - mean f) / sqrt(var f + eps)`` with the population variance (ddof 0)."""
+    """``(f - mean f) / sqrt(var f + eps)`` with the population variance (ddof 0).
+
+    All-equal fitness gives exact zeros (the mean of equal floats can be off by one ulp)."""
     centered = fitness - fitness.mean()
+    centered = torch.where(fitness.amax() == fitness.amin(), torch.zeros_like(centered), centered)
     return centered / torch.sqrt(centered.square().mean() + eps)
 
 

@@ -7,14 +7,17 @@ __all__ = ["check_factors"]
 
 
 def check_factors(
-    name: str, out_dim: int, in_dim: int, A_scaled: torch.Tensor, B: torch.Tensor, *tensors
+    name: str, out_dim: int | None, in_dim: int | None, A_scaled: torch.Tensor, B: torch.Tensor, *tensors
 ) -> None:
-    """Check ``A_scaled (N, out_dim, r)`` and ``B (N, in_dim, r)`` against a weight and inputs."""
+    """Check ``A_scaled (N, out_dim, r)`` and ``B (N, in_dim, r)`` against a weight and inputs
+    (``None`` takes the dim from the factors themselves)."""
     if A_scaled.dim() != 3 or B.dim() != 3:
         raise ValueError(
             f"{name}: factors must be 3-D, got A_scaled {tuple(A_scaled.shape)}, B {tuple(B.shape)}"
         )
     N, m, r = A_scaled.shape
+    out_dim = m if out_dim is None else out_dim
+    in_dim = B.shape[1] if in_dim is None else in_dim
     if (m, r) != (out_dim, r) or tuple(B.shape) != (N, in_dim, r):
         raise ValueError(
             f"{name}: expected A_scaled (N, {out_dim}, r) and B (N, {in_dim}, r) with the same N "

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from .checks import check_factors
 from .population import split_shared
 
-__all__ = ["perturbed_conv"]
+__all__ = ["lowrank_conv_delta", "perturbed_conv"]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -35,6 +35,20 @@ def _lowrank_features(x, B, weight_shape, shared, conv_args):
     args = dict(conv_args, groups=N * groups)
     z = conv(xg, filters.reshape(N * groups * r, Cg, *k), None, **args)
     return z.view(Bt, N, groups, r, *z.shape[2:])
+
+
+def lowrank_conv_delta(x, weight_shape, A_scaled, B, conv_args: dict, shared: bool) -> torch.Tensor:
+    """``conv(x_i, A_scaled_i B_iᵀ)`` alone -> ``(N, Bt, C_out, *S_out)``.
+
+    ``x`` is shared ``(Bt, C_in, *S)`` or per member ``(N, Bt, C_in, *S)`` as ``shared`` says;
+    ``conv_args`` holds ``stride, padding, dilation, groups``.
+    """
+    N, C_out, r = A_scaled.shape
+    groups = conv_args["groups"]
+    z = _lowrank_features(x, B, weight_shape, shared, conv_args)
+    A = A_scaled.view(N, groups, C_out // groups, r)
+    spec = "ngor,bgnr...->nbgo..." if shared else "ngor,bngr...->nbgo..."
+    return torch.einsum(spec, A, z).flatten(2, 3)  # (N, Bt, C_out, *S_out)
 
 
 def perturbed_conv(
@@ -66,13 +80,18 @@ def perturbed_conv(
     C_out, Cg, *k = weight.shape
     if groups < 1 or C_out % groups:
         raise ValueError(f"perturbed_conv: groups={groups} must divide C_out={C_out}")
-    N, _, r = A_scaled.shape
     check_factors("perturbed_conv", C_out, Cg * weight[0, 0].numel(), A_scaled, B, x, weight)
+    N = A_scaled.shape[0]
     x, shared = split_shared(x, N, d + 2, shared)  # a "sample" is a whole (Bt, C, *S) batch
     if x.dim() != d + (2 if shared else 3):
         raise ValueError(
             f"perturbed_conv: expected input (Bt, C, *S) or (N={N}, Bt, C, *S) with {d} spatial "
             f"dims, got {tuple(x.shape)}"
+        )
+    if x.shape[-d - 1] != Cg * groups:
+        raise ValueError(
+            f"perturbed_conv: input has {x.shape[-d - 1]} channels, weight {tuple(weight.shape)} with "
+            f"groups={groups} expects {Cg * groups}; got input shape {tuple(x.shape)}"
         )
     conv_args = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     conv = _CONV[d]
@@ -81,8 +100,4 @@ def perturbed_conv(
     else:
         base = conv(x.flatten(0, 1), weight, bias, **conv_args)
         base = base.view(N, x.shape[1], *base.shape[1:])  # (N, Bt, C_out, *S)
-    z = _lowrank_features(x, B, weight.shape, shared, conv_args)
-    A = A_scaled.view(N, groups, C_out // groups, r)
-    spec = "ngor,bgnr...->nbgo..." if shared else "ngor,bngr...->nbgo..."
-    delta = torch.einsum(spec, A, z)  # (N, Bt, g, C_out/g, *S)
-    return base + delta.flatten(2, 3)
+    return base + lowrank_conv_delta(x, weight.shape, A_scaled, B, conv_args, shared)

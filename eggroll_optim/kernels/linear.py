@@ -13,6 +13,11 @@ from .population import split_shared
 __all__ = ["lowrank_linear_delta", "perturbed_linear"]
 
 
+def _check_features(name: str, x: torch.Tensor, in_dim: int) -> None:
+    if x.dim() == 0 or x.shape[-1] != in_dim:
+        raise ValueError(f"{name}: input must end in in_features={in_dim}, got shape {tuple(x.shape)}")
+
+
 def _project(x: torch.Tensor, B: torch.Tensor, shared: bool) -> torch.Tensor:
     """``x_i B_i``: shared ``x (M, in)`` or per-member ``(N, M, in)`` -> ``(N, M, r)``."""
     N, in_dim, r = B.shape
@@ -34,8 +39,9 @@ def lowrank_linear_delta(
     Returns:
         ``(N, *batch, out)``.
     """
+    check_factors("lowrank_linear_delta", None, None, A_scaled, B, x)
     N, out_dim, _ = A_scaled.shape
-    check_factors("lowrank_linear_delta", out_dim, B.shape[1], A_scaled, B, x)
+    _check_features("lowrank_linear_delta", x, B.shape[1])
     x, shared = split_shared(x, N, 1, shared)
     batch = x.shape[:-1] if shared else x.shape[1:-1]
     x3 = x.reshape(-1, x.shape[-1]) if shared else x.reshape(N, -1, x.shape[-1])
@@ -62,10 +68,11 @@ def perturbed_linear(
     Returns:
         ``(N, *batch, out)``.
     """
-    N, out_dim, _ = A_scaled.shape
     if weight.dim() != 2:
         raise ValueError(f"perturbed_linear: weight must be 2-D, got shape {tuple(weight.shape)}")
     check_factors("perturbed_linear", weight.shape[0], weight.shape[1], A_scaled, B, x, weight)
+    N, out_dim, _ = A_scaled.shape
+    _check_features("perturbed_linear", x, weight.shape[1])
     x, shared = split_shared(x, N, 1, shared)
     batch = x.shape[:-1] if shared else x.shape[1:-1]
     x3 = x.reshape(-1, x.shape[-1]) if shared else x.reshape(N, -1, x.shape[-1])

@@ -1,0 +1,133 @@
+"""A population being evaluated: its keyed noise, its chunks, and the gradient over all of them.
+
+Nothing from ``ask`` is kept but the keys: the noise of any chunk is regenerated on demand
+(SPEC §6); only the most recently active chunk stays cached, so a population evaluated in one
+chunk never draws its noise twice.
+"""
+from __future__ import annotations
+
+import torch
+
+from .hooks import Chunk
+from .kernels import fullrank_gradient_sum, lowrank_gradient_sum
+from .noise import antithetic, keyed_pair_normals, noise_dtype, noise_key
+
+__all__ = ["Population", "PopulationNoise"]
+
+
+class PopulationNoise:
+    """Keys and scales of every evolved parameter for one step.
+
+    ``entries``: ``(param, (seed, step, param_index), sigma, rank, lowrank)`` tuples.
+    """
+
+    def __init__(self, entries: list, block_pairs: int):
+        self.entries, self.block_pairs = entries, block_pairs
+
+    @property
+    def params(self) -> list:
+        return [entry[0] for entry in self.entries]
+
+    def chunk_noise(self, start: int, stop: int) -> dict:
+        """``{param: (A_scaled (n, m, r), B (n, k, r))}`` or ``{param: noise (n, *shape)}``."""
+        noise = {}
+        for p, key, sigma, rank, lowrank in self.entries:
+            shapes = [(p.shape[0], rank), (p[0].numel(), rank)] if lowrank else [tuple(p.shape)]
+            draws = keyed_pair_normals(
+                noise_key(*key), shapes, start // 2, stop // 2,
+                device=p.device, dtype=noise_dtype(p.dtype), block_pairs=self.block_pairs,
+            )
+            if lowrank:
+                A_scaled, _, B = antithetic(draws[0], draws[1], sigma, rank)
+                noise[p] = (A_scaled, B)
+            else:
+                eps = draws[0]
+                noise[p] = torch.stack((eps, -eps), dim=1).flatten(0, 1) * sigma  # (n, *shape)
+        return noise
+
+
+class Population:
+    """Handle returned by ``EggrollOptimizer.ask()``; a context manager.
+
+    Unchunked, all ``N`` members are active from ``ask()`` until ``tell()`` or ``with`` exit.
+    Chunked, ``for members in population.chunks():`` activates ``members`` (a ``slice``) in turn.
+    """
+
+    def __init__(self, noise: PopulationNoise, population_size: int, chunk_size: int):
+        self.noise, self.size, self.chunk_size = noise, population_size, chunk_size
+        self.fired: set = set()
+        self._active: Chunk | None = None
+        self._cache: tuple[int, int, dict] | None = None
+        self._closed = False
+        if chunk_size >= population_size:
+            self._activate(0, population_size)
+
+    @property
+    def chunked(self) -> bool:
+        return self.chunk_size < self.size
+
+    def ranges(self) -> list[tuple[int, int]]:
+        return [(a, min(a + self.chunk_size, self.size)) for a in range(0, self.size, self.chunk_size)]
+
+    def _noise_for(self, start: int, stop: int) -> dict:
+        if self._cache is not None and self._cache[:2] == (start, stop):
+            return self._cache[2]
+        noise = self.noise.chunk_noise(start, stop)
+        self._cache = (start, stop, noise)
+        return noise
+
+    def _activate(self, start: int, stop: int) -> None:
+        self._active = Chunk(self.size, start, stop, self._noise_for(start, stop), self.fired)
+
+    def active_chunk(self) -> Chunk | None:
+        if self._active is None and self.chunked and not self._closed:
+            raise RuntimeError("This population is chunked: run the module inside `for members in population.chunks():`")
+        return self._active
+
+    def chunks(self):
+        """Yield ``slice(start, stop)`` for each chunk, with its perturbations active."""
+        for start, stop in self.ranges():
+            self._activate(start, stop)
+            yield slice(start, stop)
+        if self.chunked:
+            self._active = None
+
+    @property
+    def members(self) -> slice:
+        """The active members."""
+        if self._active is None:
+            raise RuntimeError("No members are active")
+        return slice(self._active.start, self._active.stop)
+
+    def slice(self, x: torch.Tensor) -> torch.Tensor:
+        """The active members' rows of a per-member tensor ``(N, ...)``."""
+        if x.shape[0] != self.size:
+            raise ValueError(f"Expected a leading dim of {self.size} (the population), got {tuple(x.shape)}")
+        return x[self.members]
+
+    def gradients(self, shaped: torch.Tensor) -> dict:
+        """``{param: Σ_i f_i noise_i}`` over every chunk (divide by ``sqrt(N)`` for the estimate)."""
+        grads = {}
+        for start, stop in self.ranges():
+            f = shaped[start:stop]
+            for p, value in self._noise_for(start, stop).items():
+                if isinstance(value, tuple):
+                    g = lowrank_gradient_sum(f, *value).view(p.shape)
+                else:
+                    g = fullrank_gradient_sum(f, value)
+                grads[p] = g if p not in grads else grads[p] + g
+        return grads
+
+    def close(self) -> None:
+        """Make the hooks inert (the noise keys stay for ``tell``)."""
+        self._active, self._closed = None, True
+
+    def __enter__(self) -> "Population":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Population(size={self.size}, chunk_size={self.chunk_size})"
+

@@ -14,7 +14,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .kernels import perturbed_conv, perturbed_linear
+from .kernels import perturbed_conv, perturbed_linear, split_shared
+from .kernels.fast import fused_mlp_available, perturbed_mlp
 
 __all__ = ["make_perturbed_forward_fn"]
 
@@ -27,7 +28,11 @@ _FLATTENS = {torch.flatten, "flatten"}
 
 
 def _fold(fn: Callable, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """Apply ``fn`` to ``(N, Bt, ...)`` as ``(N * Bt, ...)`` and unfold the result."""
+    """Apply ``fn`` to ``(N, Bt, ...)`` as ``(N * Bt, ...)`` and unfold the result.
+
+    A per-member ``(N, features)`` value has no batch dim: the population dim is the batch."""
+    if x.dim() < 3:
+        return fn(x, *args, **kwargs)
     out = fn(x.flatten(0, 1), *args, **kwargs)
     return out.view(*x.shape[:2], *out.shape[1:])
 
@@ -108,6 +113,35 @@ class _PopulationInterpreter(fx.Interpreter):
         return super().call_method(target, args, kwargs)
 
 
+_MLP_ACTIVATIONS = {nn.Tanh: "tanh", nn.ReLU: "relu"}
+
+
+def _mlp_pattern(module: nn.Module):
+    """``(name1, activation, name2)`` for ``nn.Sequential(Linear, Tanh|ReLU, Linear)``, else None."""
+    if not isinstance(module, nn.Sequential) or len(module) != 3:
+        return None
+    first, act, second = module
+    if type(first) is nn.Linear and type(second) is nn.Linear and type(act) in _MLP_ACTIVATIONS:
+        names = list(module._modules)
+        return names[0], _MLP_ACTIVATIONS[type(act)], names[2]
+    return None
+
+
+def _fused_mlp(pattern, x, params, perts):
+    """The fused shared-input MLP kernel when it applies (CUDA, float32, shared input), else None."""
+    name1, activation, name2 = pattern
+    if f"{name1}.weight" not in perts or f"{name2}.weight" not in perts:
+        return None
+    N = perts[f"{name1}.weight"][0].shape[0]
+    x, shared = split_shared(x, N, 1)
+    W1 = params[f"{name1}.weight"]
+    if not shared or x.dim() != 2 or not fused_mlp_available(x, W1.shape[0]):
+        return None
+    layer1 = (W1, params.get(f"{name1}.bias"), *perts[f"{name1}.weight"])
+    layer2 = (params[f"{name2}.weight"], params.get(f"{name2}.bias"), *perts[f"{name2}.weight"])
+    return perturbed_mlp(x, layer1, layer2, activation)
+
+
 def make_perturbed_forward_fn(module: nn.Module) -> tuple[Callable, Callable]:
     """Trace ``module`` with ``torch.fx`` and return ``(forward, forward_eval)``.
 
@@ -128,7 +162,13 @@ def make_perturbed_forward_fn(module: nn.Module) -> tuple[Callable, Callable]:
             "Write the forward by hand with perturbed_forward / perturbed_conv2d."
         ) from err
 
+    fused = _mlp_pattern(module)
+
     def forward(x: torch.Tensor, params: dict, perts: dict) -> torch.Tensor:
+        if fused is not None:
+            out = _fused_mlp(fused, x, params, perts)
+            if out is not None:
+                return out
         return _PopulationInterpreter(traced, params, perts).run(x)
 
     def forward_eval(x: torch.Tensor, params: dict) -> torch.Tensor:

@@ -1,0 +1,156 @@
+"""A population through ``Linear -> activation -> Linear`` with a shared input, fused.
+
+Every member ``i`` computes
+``h_i = act(x W1ᵀ + b1 + (x B1_i) A1_iᵀ)`` and ``y_i = h_i W2ᵀ + b2 + (h_i B2_i) A2_iᵀ``.
+The Triton kernel keeps ``h_i`` on chip: one program takes ``BM`` rows of one member, so the
+``(N, M, hidden)`` activations never reach device memory. ``x B1`` for every member is one GEMM
+beforehand and ``x W1ᵀ + b1`` is computed once. ``perturbed_mlp_reference`` is the plain-torch
+twin (the two perturbed linear kernels and the activation) used on CPU and as the test oracle.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from ..linear import perturbed_linear
+
+try:  # Triton is optional: CPU installs and old GPUs use the reference path
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised where triton is absent
+    triton = None
+
+__all__ = ["ACTIVATIONS", "fused_mlp_available", "perturbed_mlp", "perturbed_mlp_reference"]
+
+ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "identity": lambda h: h}
+_ACT_CODE = {"identity": 0, "tanh": 1, "relu": 2}
+
+
+def _with_noise(out: torch.Tensor, bias_noise) -> torch.Tensor:
+    return out if bias_noise is None else out + bias_noise.view(bias_noise.shape[0], 1, -1)
+
+
+def perturbed_mlp_reference(x, layer1, layer2, activation="tanh", shared=True, bias_noise=(None, None)):
+    """Plain torch: ``layer = (W, b, A_scaled, B)``; ``x`` shared ``(M, in)`` or per member
+    ``(N, M, in)`` -> ``(N, M, out)``; ``bias_noise`` optional ``(N, hidden)``, ``(N, out)``."""
+    W1, b1, A1, B1 = layer1
+    W2, b2, A2, B2 = layer2
+    h = _with_noise(perturbed_linear(x, W1, b1, A1, B1, shared=shared), bias_noise[0])
+    h = ACTIVATIONS[activation](h)
+    return _with_noise(perturbed_linear(h, W2, b2, A2, B2, shared=False), bias_noise[1])
+
+
+if triton is not None:
+
+    @triton.jit
+    def _mlp_kernel(
+        base_ptr, xb_ptr, a1_ptr, bn1_ptr, w2_ptr, b2_ptr, bb2_ptr, a2_ptr, bn2_ptr, out_ptr,
+        M, H, O, R,
+        stride_base_n, stride_xb_n, stride_xb_m, stride_a1_n, stride_a2_n, stride_bb2_n, stride_out_n,
+        ACT: tl.constexpr, HAS_BN1: tl.constexpr, HAS_BN2: tl.constexpr,
+        BM: tl.constexpr, BH: tl.constexpr, BO: tl.constexpr, BR: tl.constexpr,
+    ):
+        n = tl.program_id(0)
+        rows = tl.program_id(1) * BM + tl.arange(0, BM)
+        hid = tl.arange(0, BH)
+        outs = tl.arange(0, BO)
+        rk = tl.arange(0, BR)
+        row_ok, hid_ok, out_ok, r_ok = rows < M, hid < H, outs < O, rk < R
+        # layer 1: h = act(base + (x B1_n) A1_nᵀ)          (BM, BH)
+        h = tl.load(base_ptr + n * stride_base_n + rows[:, None] * H + hid[None, :],
+                    mask=row_ok[:, None] & hid_ok[None, :], other=0.0)
+        if HAS_BN1:
+            h += tl.load(bn1_ptr + n * H + hid, mask=hid_ok, other=0.0)[None, :]
+        xb = tl.load(xb_ptr + n * stride_xb_n + rows[:, None] * stride_xb_m + rk[None, :],
+                     mask=row_ok[:, None] & r_ok[None, :], other=0.0)  # (BM, BR)
+        a1t = tl.load(a1_ptr + n * stride_a1_n + hid[None, :] * R + rk[:, None],
+                      mask=r_ok[:, None] & hid_ok[None, :], other=0.0)  # (BR, BH)
+        h += tl.dot(xb, a1t)
+        if ACT == 1:
+            h = 1.0 - 2.0 / (tl.exp(2.0 * h) + 1.0)
+        elif ACT == 2:
+            h = tl.maximum(h, 0.0)
+        h = tl.where(hid_ok[None, :], h, 0.0)
+        # layer 2: y = h W2ᵀ + b2 + (h B2_n) A2_nᵀ           (BM, BO)
+        w2t = tl.load(w2_ptr + outs[None, :] * H + hid[:, None], mask=hid_ok[:, None] & out_ok[None, :], other=0.0)
+        y = tl.dot(h, w2t)
+        b2n = tl.load(bb2_ptr + n * stride_bb2_n + hid[:, None] * R + rk[None, :],
+                      mask=hid_ok[:, None] & r_ok[None, :], other=0.0)  # (BH, BR)
+        hb = tl.dot(h, b2n)
+        a2t = tl.load(a2_ptr + n * stride_a2_n + outs[None, :] * R + rk[:, None],
+                      mask=r_ok[:, None] & out_ok[None, :], other=0.0)  # (BR, BO)
+        y += tl.dot(hb, a2t)
+        y += tl.load(b2_ptr + outs, mask=out_ok, other=0.0)[None, :]
+        if HAS_BN2:
+            y += tl.load(bn2_ptr + n * O + outs, mask=out_ok, other=0.0)[None, :]
+        tl.store(out_ptr + n * stride_out_n + rows[:, None] * O + outs[None, :], y,
+                 mask=row_ok[:, None] & out_ok[None, :])
+
+
+def _pow2(v: int, lo: int = 16) -> int:
+    return max(lo, 1 << (int(v) - 1).bit_length())
+
+
+def fused_mlp_available(x: torch.Tensor, hidden: int) -> bool:
+    """Triton present, a CUDA (or interpreted) float32 input, and a hidden width that fits on chip."""
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    return (
+        triton is not None
+        and (x.is_cuda or interpreted)
+        and x.dtype == torch.float32
+        and hidden <= 1024
+    )
+
+
+def _project(x, B, shared):
+    """``x_i B_i`` as an ``(N, M, R)`` view: one GEMM for a shared input, a bmm otherwise."""
+    N, D, R = B.shape
+    if shared:
+        return (x @ B.permute(1, 0, 2).reshape(D, N * R)).view(x.shape[0], N, R).transpose(0, 1)
+    return torch.bmm(x, B)
+
+
+def _fused(x, layer1, layer2, activation, shared, bias_noise):
+    W1, b1, A1, B1 = layer1
+    W2, b2, A2, B2 = layer2
+    N, H, R = A1.shape
+    M, O = x.shape[-2], W2.shape[0]
+    base = F.linear(x, W1, b1).contiguous()  # (M, H) once when shared, else (N, M, H)
+    xb = _project(x, B1, shared)  # (N, M, R) view
+    b2 = torch.zeros(O, device=x.device, dtype=x.dtype) if b2 is None else b2.contiguous()
+    bn1, bn2 = (t.contiguous() if t is not None else None for t in bias_noise)
+    A1, A2, B2, W2 = A1.contiguous(), A2.contiguous(), B2.contiguous(), W2.contiguous()
+    out = torch.empty(N, M, O, device=x.device, dtype=x.dtype)
+    BH, BO, BR = _pow2(H), _pow2(O), _pow2(R)
+    BM = 64 if BH <= 256 else 32
+    grid = (N, triton.cdiv(M, BM))
+    _mlp_kernel[grid](
+        base, xb, A1, bn1 if bn1 is not None else A1, W2, b2, B2, A2, bn2 if bn2 is not None else A2, out,
+        M, H, O, R,
+        0 if shared else base.stride(0), xb.stride(0), xb.stride(1), A1.stride(0), A2.stride(0), B2.stride(0),
+        out.stride(0),
+        ACT=_ACT_CODE[activation], HAS_BN1=bn1 is not None, HAS_BN2=bn2 is not None,
+        BM=BM, BH=BH, BO=BO, BR=BR, num_warps=8 if BH >= 256 else 4,
+    )
+    return out
+
+
+def perturbed_mlp(x, layer1, layer2, activation="tanh", shared=True, bias_noise=(None, None)) -> torch.Tensor:
+    """``Linear -> activation -> Linear`` for every member; fused on CUDA, reference elsewhere.
+
+    Args:
+        x: shared input ``(M, in)`` (``shared=True``) or per member ``(N, M, in)``.
+        layer1, layer2: ``(W, b, A_scaled, B)`` with ``W (out, in)``, ``b (out,)`` or ``None``,
+            ``A_scaled (N, out, r)``, ``B (N, in, r)``.
+        activation: ``"tanh"``, ``"relu"`` or ``"identity"``.
+        bias_noise: optional full-rank bias noise ``((N, hidden) or None, (N, out) or None)``.
+    Returns:
+        ``(N, M, out2)``.
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"Unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
+    if x.dim() == (2 if shared else 3) and fused_mlp_available(x, layer1[0].shape[0]):
+        return _fused(x, layer1, layer2, activation, shared, bias_noise)
+    return perturbed_mlp_reference(x, layer1, layer2, activation, shared, bias_noise)

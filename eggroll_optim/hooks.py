@@ -49,7 +49,8 @@ class Chunk:
     stop: int
     noise: dict = field(default_factory=dict)  # param -> (A_scaled, B) or full-rank noise
     fired: set = field(default_factory=set)  # modules whose hook ran
-    pending: dict = field(default_factory=dict)  # module -> (shared, unbatched) from the pre-hook
+    pending: dict = field(default_factory=dict)  # module -> what its pre-hook saw
+    bypass: set = field(default_factory=set)  # layers a fused block is computing instead
 
     @property
     def size(self) -> int:
@@ -87,7 +88,7 @@ def _pre(chunk: Chunk, module: nn.Module, x: torch.Tensor):
         unbatched = x.dim() == spatial + 1
         x = x.unsqueeze(0) if unbatched else x
         shared = x.dim() == spatial + 2 or chunk.shared(x, spatial + 2)
-        if not shared and x.shape[0] != chunk.size:
+        if x.dim() == spatial + 3 and x.shape[0] != chunk.size:  # never silently take x[0]
             raise ValueError(f"{module}: per-member input must have leading dim {chunk.size}, got {tuple(x.shape)}")
         x = x[0] if x.dim() == spatial + 3 and shared else x
         chunk.pending[module] = (x, shared, unbatched)
@@ -166,7 +167,7 @@ def _norm(chunk: Chunk, module: nn.Module, x, shared: bool) -> torch.Tensor:
 
 def _pre_hook(get_chunk, module, args):
     chunk = get_chunk()
-    if chunk is None:
+    if chunk is None or module in chunk.bypass:
         return None
     x = args[0]
     if isinstance(module, FOLD_LAYERS):
@@ -178,7 +179,7 @@ def _pre_hook(get_chunk, module, args):
 
 def _post_hook(get_chunk, module, args, output):
     chunk = get_chunk()
-    if chunk is None:
+    if chunk is None or module in chunk.bypass:
         return None
     if isinstance(module, FOLD_LAYERS):
         lead = chunk.pending.pop(module)

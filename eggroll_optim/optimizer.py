@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from .core import validate_hyperparameters
+from .fusion import find_mlp_blocks, install_mlp_hooks
 from .hooks import FOLD_LAYERS, SUPPORTED_LAYERS, install_hooks, is_lowrank
 from .noise import DEFAULT_BLOCK_PAIRS
 from .population import Population, PopulationNoise
@@ -157,7 +158,9 @@ class EggrollOptimizer(torch.optim.Optimizer):
         modules = {self._owners[p][0]: None for g in self.param_groups for p in g["params"]}
         modules.update({m: None for m in self.module.modules() if isinstance(m, FOLD_LAYERS)})
         ref = weakref.ref(self)
+        evolved = {p for g in self.param_groups for p in g["params"]}
         self._handles = install_hooks(modules, lambda: _active_chunk(ref))
+        self._handles += install_mlp_hooks(find_mlp_blocks(self.module, evolved), lambda: _active_chunk(ref))
         self._finalizer = weakref.finalize(self, _remove, self._handles)
 
     def remove_hooks(self) -> None:
@@ -197,9 +200,10 @@ class EggrollOptimizer(torch.optim.Optimizer):
         missing = [p for p in population.noise.params if self._owners[p][0] not in population.fired]
         if missing:
             names = {p: n for n, p in self.module.named_parameters()}
+            self._population = None  # its hooks are spent: discard it so that ask() works again
             raise RuntimeError(
                 f"No forward ran through the layers of {[names[p] for p in missing]} during this ask(): "
-                "their update would be pure noise. Nothing was updated."
+                "their update would be pure noise. Nothing was updated; the population is discarded."
             )
         shaped = self.shaping(fitness)
         grads = population.gradients(shaped)
@@ -233,11 +237,11 @@ class EggrollOptimizer(torch.optim.Optimizer):
                     got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
                     raise ValueError(f"closure must return per-member losses of shape ({expected},), got {got}")
                 losses.append(loss)
-        except BaseException:
+            loss = torch.cat(losses)
+            self.tell(-loss)
+        except BaseException:  # a bad closure or loss must not leave a population pending
             self._population = None
             raise
-        loss = torch.cat(losses)
-        self.tell(-loss)
         return loss.mean()
 
     # ----- state --------------------------------------------------------------------------

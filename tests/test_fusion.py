@@ -1,0 +1,83 @@
+"""Fused Sequential(Linear, act, Linear) hooks equal the dense float64 reference.
+
+CPU: the fused path runs under Triton's interpreter in a subprocess (and the default CPU path is
+the per-layer hooks, checked in the same way); CUDA: compiled (marked ``cuda``).
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+
+from eggroll_optim import EggrollOptimizer
+from eggroll_optim.fusion import find_mlp_blocks
+
+pytest.importorskip("triton")
+
+
+def fused_vs_dense(device: str, dtype=torch.float32) -> float:
+    """Largest relative error of the optimizer's outputs against materialised ``W + E_i``."""
+    worst = 0.0
+    for act, shape, evolve in [(nn.Tanh, (6, 12), True), (nn.ReLU, (8, 12), True), (nn.Tanh, (8, 3, 12), False)]:
+        torch.manual_seed(len(shape) + evolve)
+        model = nn.Sequential(nn.Linear(12, 32), act(), nn.Linear(32, 5)).to(device)
+        opt = EggrollOptimizer(model, population_size=8, sigma=0.3, rank=3, evolve_biases=evolve)
+        x = torch.randn(*shape, device=device)
+        with opt.ask() as population:
+            out = model(x)
+        noise = population.noise.chunk_noise(0, 8)
+        lin1, _, lin2 = model
+        refs = []
+        for i in range(8):
+            def value(p):
+                v = noise.get(p)
+                if v is None:
+                    return p.double()
+                return p.double() + (v[0][i].double() @ v[1][i].double().T if isinstance(v, tuple) else v[i].double())
+            xi = x[i].double() if shape[0] == 8 else x.double()
+            h = act()(xi @ value(lin1.weight).T + value(lin1.bias))
+            refs.append(h @ value(lin2.weight).T + value(lin2.bias))
+        ref = torch.stack(refs)
+        worst = max(worst, ((out.double() - ref).norm() / ref.norm()).item())
+        opt.tell(out.flatten(1).sum(1))
+    return worst
+
+
+def test_blocks_found_only_when_both_weights_evolve():
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    assert find_mlp_blocks(model, {model[0].weight, model[2].weight}) == [model]
+    assert find_mlp_blocks(model, {model[0].weight}) == []
+    assert find_mlp_blocks(nn.Sequential(nn.Linear(4, 8), nn.Sigmoid(), nn.Linear(8, 2)), set()) == []
+
+
+def test_per_layer_path_on_cpu_matches_dense():
+    assert fused_vs_dense("cpu") < 1e-5
+
+
+def test_fused_path_in_triton_interpreter_matches_dense():
+    code = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import eggroll_optim.fusion as fusion
+        calls = []
+        kernel = fusion.perturbed_mlp
+        fusion.perturbed_mlp = lambda *a, **k: calls.append(1) or kernel(*a, **k)
+        from test_fusion import fused_vs_dense
+        err = fused_vs_dense("cpu")
+        assert err < 1e-5, err
+        assert len(calls) == 3, calls  # the fused block ran once per model call
+        print("ok")
+        """
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
+
+
+@pytest.mark.cuda
+def test_fused_path_on_cuda_matches_dense():
+    assert fused_vs_dense("cuda") < 2e-3  # TF32 dots

@@ -12,11 +12,12 @@ import torch.nn as nn
 from .core import validate_hyperparameters
 from .fusion import find_mlp_blocks, install_mlp_hooks
 from .hooks import FOLD_LAYERS, SUPPORTED_LAYERS, install_hooks, is_lowrank
-from .noise import DEFAULT_BLOCK_PAIRS
 from .population import Population, PopulationNoise
 from .shaping import check_fitness, resolve_shaping
 
 __all__ = ["EggrollOptimizer"]
+
+MAX_BLOCK_PAIRS = 4096
 
 
 class EggrollOptimizer(torch.optim.Optimizer):
@@ -55,6 +56,8 @@ class EggrollOptimizer(torch.optim.Optimizer):
         unsupported: ``"raise"`` or ``"freeze"`` (warn and leave out) for trainable parameters
             of layers the hooks cannot perturb.
         reuse_noise: use the step-0 noise at every step (off by default).
+        noise_block: pairs drawn from one keyed generator (default ``min(N/2, 4096)``); part of
+            the noise definition, so keep it when resuming.
 
     .. note:: Like the seed, the update direction is ``g / sqrt(N)``-scaled rather than the
        paper's ``1 / (N sigma)``; use ``lr`` accordingly.
@@ -78,7 +81,7 @@ class EggrollOptimizer(torch.optim.Optimizer):
         nan_policy: str = "raise",
         unsupported: str = "raise",
         reuse_noise: bool = False,
-        noise_block: int = DEFAULT_BLOCK_PAIRS,
+        noise_block: int | None = None,
     ):
         validate_hyperparameters(population_size, rank, sigma, lr)
         if not sigma_decay > 0:
@@ -93,7 +96,11 @@ class EggrollOptimizer(torch.optim.Optimizer):
         self.population_size = population_size
         self.chunk_size = min(chunk_size or population_size, population_size)
         self.seed, self.sigma_decay, self.reuse_noise = int(seed), sigma_decay, reuse_noise
-        self.noise_block, self.nan_policy = noise_block, nan_policy
+        if noise_block is not None and noise_block < 1:
+            raise ValueError(f"Invalid noise_block: {noise_block} (expected >= 1 pairs)")
+        # pairs drawn per generator: fewer launches for big populations, no waste for small ones
+        self.noise_block = noise_block or min(population_size // 2, MAX_BLOCK_PAIRS)
+        self.nan_policy = nan_policy
         self.shaping = resolve_shaping(fitness_shaping)
         self._owners = self._find_owners(module, unsupported)
         self._param_index = {p: i for i, p in enumerate(module.parameters())}
@@ -247,7 +254,10 @@ class EggrollOptimizer(torch.optim.Optimizer):
     # ----- state --------------------------------------------------------------------------
     def state_dict(self) -> dict:
         state = super().state_dict()
-        state["eggroll"] = {"step": self._step_count, "seed": self.seed, "inner": self.inner.state_dict()}
+        state["eggroll"] = {
+            "step": self._step_count, "seed": self.seed, "noise_block": self.noise_block,
+            "population_size": self.population_size, "inner": self.inner.state_dict(),
+        }
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -255,6 +265,12 @@ class EggrollOptimizer(torch.optim.Optimizer):
         extra = state_dict.pop("eggroll", None)
         if extra is None:
             raise ValueError("Not an EggrollOptimizer state_dict: the 'eggroll' entry is missing")
+        for key in ("population_size", "noise_block"):
+            if key in extra and extra[key] != getattr(self, key):
+                raise ValueError(
+                    f"state_dict was saved with {key}={extra[key]}, this optimizer has {getattr(self, key)}: "
+                    "the noise would differ, so the run could not continue identically"
+                )
         super().load_state_dict(state_dict)
         self._step_count, self.seed = int(extra["step"]), int(extra["seed"])
         self.inner.load_state_dict(extra["inner"])

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .kernels import lowrank_conv_delta, lowrank_embedding_delta, lowrank_linear_delta
+from .kernels import lowrank_conv_delta, lowrank_embedding_delta, lowrank_linear_add
 
 __all__ = ["Chunk", "FOLD_LAYERS", "LOWRANK_LAYERS", "NORM_LAYERS", "SUPPORTED_LAYERS", "check_layer", "install_hooks", "is_lowrank"]
 
@@ -107,12 +107,13 @@ def _pre(chunk: Chunk, module: nn.Module, x: torch.Tensor):
 
 
 def _linear(chunk: Chunk, module: nn.Linear, x, shared: bool, base: torch.Tensor) -> torch.Tensor:
-    out = base.expand(chunk.size, *base.shape) if shared else base
     factors = chunk.noise.get(module.weight)
-    if factors is not None:
-        A_scaled, B = factors
-        out = out + lowrank_linear_delta(x, B.to(x.dtype), A_scaled.to(x.dtype), shared)
-    return _bias_noise(chunk, module, out, out.dim() - 1)
+    if factors is None:
+        out = base.expand(chunk.size, *base.shape) if shared else base
+        return _bias_noise(chunk, module, out, out.dim() - 1)
+    A_scaled, B = factors
+    bias_noise = chunk.noise.get(module.bias) if module.bias is not None else None
+    return lowrank_linear_add(base, x, B.to(x.dtype), A_scaled.to(x.dtype), shared, bias_noise)
 
 
 def _embedding(chunk: Chunk, module: nn.Embedding, idx, shared: bool, base: torch.Tensor) -> torch.Tensor:

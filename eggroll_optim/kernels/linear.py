@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from .checks import check_factors
 from .population import split_shared
 
-__all__ = ["lowrank_linear_delta", "perturbed_linear"]
+__all__ = ["lowrank_linear_add", "lowrank_linear_delta", "perturbed_linear"]
 
 
 def _check_features(name: str, x: torch.Tensor, in_dim: int) -> None:
@@ -26,6 +26,37 @@ def _project(x: torch.Tensor, B: torch.Tensor, shared: bool) -> torch.Tensor:
         xB = x @ B.permute(1, 0, 2).reshape(in_dim, N * r)  # (M, N*r)
         return xB.view(x.shape[0], N, r).transpose(0, 1)  # (N, M, r)
     return torch.bmm(x, B)  # (N, M, r)
+
+
+def lowrank_linear_add(
+    base: torch.Tensor,
+    x: torch.Tensor,
+    B: torch.Tensor,
+    A_scaled: torch.Tensor,
+    shared: bool,
+    bias_noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``base + (x_i B_i) A_scaled_iᵀ (+ bias_noise_i)`` in one batched GEMM.
+
+    Args:
+        base: ``x Wᵀ + b``: ``(*batch, out)`` for a shared ``x``, ``(N, *batch, out)`` otherwise.
+        x: the input, already classified: shared ``(*batch, in)`` or per member ``(N, *batch, in)``.
+        B: ``(N, in, r)``; A_scaled: ``(N, out, r)``.
+        bias_noise: optional full-rank bias noise ``(N, out)``, added as one more rank
+            (a column of ones against the noise) instead of another pass over the output.
+    Returns:
+        ``(N, *batch, out)``.
+    """
+    N, out_dim, _ = A_scaled.shape
+    batch = x.shape[:-1] if shared else x.shape[1:-1]
+    x3 = x.reshape(-1, x.shape[-1]) if shared else x.reshape(N, -1, x.shape[-1])
+    xB = _project(x3, B, shared)  # (N, M, r)
+    At = A_scaled.transpose(1, 2)  # (N, r, out)
+    if bias_noise is not None:
+        xB = torch.cat([xB, xB.new_ones(N, xB.shape[1], 1)], dim=2)  # (N, M, r + 1)
+        At = torch.cat([At, bias_noise.unsqueeze(1).to(At.dtype)], dim=1)  # (N, r + 1, out)
+    base3 = base.reshape(-1, out_dim).expand(N, -1, out_dim) if shared else base.reshape(N, -1, out_dim)
+    return torch.baddbmm(base3, xB, At).view(N, *batch, out_dim)
 
 
 def lowrank_linear_delta(
@@ -74,10 +105,4 @@ def perturbed_linear(
     N, out_dim, _ = A_scaled.shape
     _check_features("perturbed_linear", x, weight.shape[1])
     x, shared = split_shared(x, N, 1, shared)
-    batch = x.shape[:-1] if shared else x.shape[1:-1]
-    x3 = x.reshape(-1, x.shape[-1]) if shared else x.reshape(N, -1, x.shape[-1])
-    base = F.linear(x3, weight, bias)  # (M, out) shared, (N, M, out) per member
-    if shared:
-        base = base.unsqueeze(0).expand(N, *base.shape)
-    out = torch.baddbmm(base, _project(x3, B, shared), A_scaled.transpose(1, 2))  # (N, M, out)
-    return out.view(N, *batch, out_dim)
+    return lowrank_linear_add(F.linear(x, weight, bias), x, B, A_scaled, shared)

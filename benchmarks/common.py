@@ -27,7 +27,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # the device machine has no editable install: import from the checkout
     sys.path.insert(0, ROOT)
 
-TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-2, "tf32": 1e-3, torch.float32: 1e-3, torch.float64: 1e-9}
+# TF32 keeps 10 mantissa bits (unit roundoff ~4.9e-4): two layers of K=784/256 dots land near 1-2e-3,
+# the plain cuBLAS inference baseline included (measured on an H100), so TF32-enabled float32 gets 5e-3.
+TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-2, "tf32": 5e-3, torch.float32: 5e-3, torch.float64: 1e-9}
 
 
 # ----- arguments / device ---------------------------------------------------------------------

@@ -15,7 +15,8 @@ from eggroll_optim.kernels.fast.mlp import perturbed_mlp, perturbed_mlp_referenc
 
 triton = pytest.importorskip("triton")
 
-CASES = [(20, 30, 40, 10, 6, 4, "tanh"), (70, 16, 32, 3, 4, 1, "relu"), (5, 8, 17, 2, 2, 8, "identity")]
+CASES = [(20, 30, 40, 10, 6, 4, "tanh"), (70, 16, 32, 3, 20, 1, "relu"), (5, 8, 17, 2, 2, 8, "identity"),
+         (3, 4, 256, 2, 34, 4, "tanh")]
 
 
 def _inputs(M, D, H, O, N, R, seed, device="cpu"):
@@ -73,6 +74,9 @@ def test_fused_kernel_in_triton_interpreter():
             assert err < 1e-5, ("per-member", case, err)
             err = _relative_error(x, l1, l2, act, shared=True, bias_noise=noise)
             assert err < 1e-5, ("bias noise", case, err)
+            x1 = torch.randn(N, 1, D)  # one row per member: the members-as-rows kernel
+            err = _relative_error(x1, l1, l2, act, shared=False, bias_noise=noise)
+            assert err < 1e-5, ("rows", case, err)
         print("ok")
         """
     )
@@ -91,6 +95,8 @@ def test_fused_kernel_on_cuda(case):
     noise = (torch.randn(N, H, device="cuda"), torch.randn(N, O, device="cuda"))
     xm = torch.randn(N, M, D, device="cuda")
     assert _relative_error(xm, l1, l2, act, shared=False, bias_noise=noise) < 2e-3
+    x1 = torch.randn(N, 1, D, device="cuda")
+    assert _relative_error(x1, l1, l2, act, shared=False, bias_noise=noise) < 2e-3
 
 
 @pytest.mark.cuda

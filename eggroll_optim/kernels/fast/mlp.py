@@ -89,6 +89,50 @@ if triton is not None:
                  mask=row_ok[:, None] & out_ok[None, :])
 
 
+    @triton.jit
+    def _mlp_rows_kernel(
+        x_ptr, base_ptr, bb1_ptr, a1_ptr, bn1_ptr, w2_ptr, b2_ptr, bb2_ptr, a2_ptr, bn2_ptr, out_ptr,
+        N, D, H, O, R,
+        ACT: tl.constexpr, HAS_BN1: tl.constexpr, HAS_BN2: tl.constexpr,
+        BN: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, BO: tl.constexpr, BR: tl.constexpr,
+    ):
+        """One input row per member: a program takes ``BN`` members; small tiles, no tensor cores."""
+        mem = tl.program_id(0) * BN + tl.arange(0, BN)
+        din, hid, outs, rk = tl.arange(0, BD), tl.arange(0, BH), tl.arange(0, BO), tl.arange(0, BR)
+        m_ok, d_ok, h_ok, o_ok, r_ok = mem < N, din < D, hid < H, outs < O, rk < R
+        m3, r3 = m_ok[:, None, None], r_ok[None, None, :]
+        mh = m_ok[:, None] & h_ok[None, :]
+        # layer 1: h = act(x W1ᵀ + b1 [precomputed] + Σ_r (x B1_n)_r A1_n[:, r] + bn1_n)
+        h = tl.load(base_ptr + mem[:, None] * H + hid[None, :], mask=mh, other=0.0)
+        x = tl.load(x_ptr + mem[:, None] * D + din[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        b1 = tl.load(bb1_ptr + mem[:, None, None] * (D * R) + din[None, :, None] * R + rk[None, None, :],
+                     mask=m3 & d_ok[None, :, None] & r3, other=0.0)  # (BN, BD, BR)
+        xb = tl.sum(x[:, :, None] * b1, axis=1)  # (BN, BR)
+        a1 = tl.load(a1_ptr + mem[:, None, None] * (H * R) + hid[None, :, None] * R + rk[None, None, :],
+                     mask=m3 & h_ok[None, :, None] & r3, other=0.0)  # (BN, BH, BR)
+        h += tl.sum(xb[:, None, :] * a1, axis=2)
+        if HAS_BN1:
+            h += tl.load(bn1_ptr + mem[:, None] * H + hid[None, :], mask=mh, other=0.0)
+        if ACT == 1:
+            h = 1.0 - 2.0 / (tl.exp(2.0 * h) + 1.0)
+        elif ACT == 2:
+            h = tl.maximum(h, 0.0)
+        h = tl.where(mh, h, 0.0)
+        # layer 2: y = h W2ᵀ + b2 + Σ_r (h B2_n)_r A2_n[:, r] + bn2_n
+        w2 = tl.load(w2_ptr + outs[:, None] * H + hid[None, :], mask=o_ok[:, None] & h_ok[None, :], other=0.0)
+        y = tl.sum(h[:, None, :] * w2[None, :, :], axis=2)  # (BN, BO)
+        y += tl.load(b2_ptr + outs, mask=o_ok, other=0.0)[None, :]
+        b2 = tl.load(bb2_ptr + mem[:, None, None] * (H * R) + hid[None, :, None] * R + rk[None, None, :],
+                     mask=m3 & h_ok[None, :, None] & r3, other=0.0)  # (BN, BH, BR)
+        hb = tl.sum(h[:, :, None] * b2, axis=1)  # (BN, BR)
+        a2 = tl.load(a2_ptr + mem[:, None, None] * (O * R) + outs[None, :, None] * R + rk[None, None, :],
+                     mask=m3 & o_ok[None, :, None] & r3, other=0.0)  # (BN, BO, BR)
+        y += tl.sum(hb[:, None, :] * a2, axis=2)
+        if HAS_BN2:
+            y += tl.load(bn2_ptr + mem[:, None] * O + outs[None, :], mask=m_ok[:, None] & o_ok[None, :], other=0.0)
+        tl.store(out_ptr + mem[:, None] * O + outs[None, :], y, mask=m_ok[:, None] & o_ok[None, :])
+
+
 def _pow2(v: int, lo: int = 16) -> int:
     return max(lo, 1 << (int(v) - 1).bit_length())
 
@@ -137,6 +181,30 @@ def _fused(x, layer1, layer2, activation, shared, bias_noise):
     return out
 
 
+def _fused_rows(x, layer1, layer2, activation, bias_noise):
+    """Per-member input with one row each: ``x (N, 1, D)``; members are the tile rows."""
+    W1, b1, A1, B1 = layer1
+    W2, b2, A2, B2 = layer2
+    N, H, R = A1.shape
+    D, O = x.shape[-1], W2.shape[0]
+    x = x.reshape(N, D).contiguous()
+    base = F.linear(x, W1, b1).contiguous()  # (N, H): one cuBLAS GEMM
+    b2 = torch.zeros(O, device=x.device, dtype=x.dtype) if b2 is None else b2.contiguous()
+    bn1, bn2 = (t.contiguous() if t is not None else None for t in bias_noise)
+    A1, B1, A2, B2 = A1.contiguous(), B1.contiguous(), A2.contiguous(), B2.contiguous()
+    out = torch.empty(N, 1, O, device=x.device, dtype=x.dtype)
+    BD, BH, BO, BR = _pow2(D, 1), _pow2(H, 1), _pow2(O, 1), _pow2(R, 1)
+    BN = max(1, min(16, 2048 // (BH * BR)))  # keep each (BN, BH, BR) tile near 2K values
+    _mlp_rows_kernel[(triton.cdiv(N, BN),)](
+        x, base, B1, A1, bn1 if bn1 is not None else A1,
+        W2.contiguous(), b2, B2, A2, bn2 if bn2 is not None else A2, out,
+        N, D, H, O, R,
+        ACT=_ACT_CODE[activation], HAS_BN1=bn1 is not None, HAS_BN2=bn2 is not None,
+        BN=BN, BD=BD, BH=BH, BO=BO, BR=BR, num_warps=4,
+    )
+    return out
+
+
 def perturbed_mlp(x, layer1, layer2, activation="tanh", shared=True, bias_noise=(None, None)) -> torch.Tensor:
     """``Linear -> activation -> Linear`` for every member; fused on CUDA, reference elsewhere.
 
@@ -152,5 +220,10 @@ def perturbed_mlp(x, layer1, layer2, activation="tanh", shared=True, bias_noise=
     if activation not in ACTIVATIONS:
         raise ValueError(f"Unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
     if x.dim() == (2 if shared else 3) and fused_mlp_available(x, layer1[0].shape[0]):
+        hidden, rank = layer1[0].shape[0], layer1[2].shape[2]
+        if not shared and x.shape[1] == 1:  # one row per member (RL): members become tile rows
+            if x.shape[2] <= 64 and hidden <= 1024 and rank <= 16 and layer2[0].shape[0] <= 16:
+                return _fused_rows(x, layer1, layer2, activation, bias_noise)
+            return perturbed_mlp_reference(x, layer1, layer2, activation, shared, bias_noise)
         return _fused(x, layer1, layer2, activation, shared, bias_noise)
     return perturbed_mlp_reference(x, layer1, layer2, activation, shared, bias_noise)

@@ -88,6 +88,8 @@ class EggrollOptimizer(torch.optim.Optimizer):
             raise ValueError(f"Invalid sigma_decay: {sigma_decay} (expected > 0)")
         if chunk_size is not None and (chunk_size < 2 or chunk_size % 2):
             raise ValueError(f"Invalid chunk_size: {chunk_size} (expected an even integer >= 2)")
+        if nan_policy not in ("raise", "worst"):
+            raise ValueError(f"Invalid nan_policy: {nan_policy!r} (expected 'raise' or 'worst')")
         if unsupported not in ("raise", "freeze"):
             raise ValueError(f"Invalid unsupported: {unsupported!r} (expected 'raise' or 'freeze')")
         if not isinstance(module, nn.Module):
@@ -183,8 +185,12 @@ class EggrollOptimizer(torch.optim.Optimizer):
         """
         if self._population is not None:
             raise RuntimeError("ask() called twice: call tell(fitness) for the pending population first")
-        self._population = Population(self._noise(), self.population_size, self.chunk_size)
+        self._population = Population(self._noise(), self.population_size, self.chunk_size, self._discard)
         return self._population
+
+    def _discard(self, population: Population) -> None:
+        if self._population is population:
+            self._population = None
 
     def _noise(self) -> PopulationNoise:
         step = 0 if self.reuse_noise else self._step_count

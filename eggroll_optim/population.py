@@ -53,8 +53,9 @@ class Population:
     Chunked, ``for members in population.chunks():`` activates ``members`` (a ``slice``) in turn.
     """
 
-    def __init__(self, noise: PopulationNoise, population_size: int, chunk_size: int):
+    def __init__(self, noise: PopulationNoise, population_size: int, chunk_size: int, on_abort=None):
         self.noise, self.size, self.chunk_size = noise, population_size, chunk_size
+        self._on_abort = on_abort  # called when a ``with`` block exits with an exception
         self.fired: set = set()
         self._active: Chunk | None = None
         self._cache: tuple[int, int, dict] | None = None
@@ -126,8 +127,10 @@ class Population:
     def __enter__(self) -> "Population":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         self.close()
+        if exc_type is not None and self._on_abort is not None:
+            self._on_abort(self)  # an evaluation that failed is discarded: ask() works again
 
     def __repr__(self) -> str:
         return f"Population(size={self.size}, chunk_size={self.chunk_size})"

@@ -133,16 +133,29 @@ if triton is not None:
         tl.store(out_ptr + mem[:, None] * O + outs[None, :], y, mask=m_ok[:, None] & o_ok[None, :])
 
 
+    # tile height and warps chosen per shape on the GPU (the interpreter runs one fixed config)
+    _mlp_kernel_tuned = triton.autotune(
+        configs=[
+            triton.Config({"BM": bm}, num_warps=w, num_stages=st)
+            for bm in (16, 32, 64) for w in (4, 8) for st in (1, 2)
+        ],
+        key=["M", "H", "O", "R"],
+    )(_mlp_kernel)
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _pow2(v: int, lo: int = 16) -> int:
     return max(lo, 1 << (int(v) - 1).bit_length())
 
 
 def fused_mlp_available(x: torch.Tensor, hidden: int) -> bool:
     """Triton present, a CUDA (or interpreted) float32 input, and a hidden width that fits on chip."""
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     return (
         triton is not None
-        and (x.is_cuda or interpreted)
+        and (x.is_cuda or _interpreted())
         and x.dtype == torch.float32
         and hidden <= 1024
     )
@@ -168,15 +181,15 @@ def _fused(x, layer1, layer2, activation, shared, bias_noise):
     A1, A2, B2, W2 = A1.contiguous(), A2.contiguous(), B2.contiguous(), W2.contiguous()
     out = torch.empty(N, M, O, device=x.device, dtype=x.dtype)
     BH, BO, BR = _pow2(H), _pow2(O), _pow2(R)
-    BM = 64 if BH <= 256 else 32
-    grid = (N, triton.cdiv(M, BM))
-    _mlp_kernel[grid](
+    grid = lambda meta: (N, triton.cdiv(M, meta["BM"]))  # noqa: E731
+    fixed = dict(BM=32, num_warps=4) if _interpreted() else {}
+    (_mlp_kernel if fixed else _mlp_kernel_tuned)[grid](
         base, xb, A1, bn1 if bn1 is not None else A1, W2, b2, B2, A2, bn2 if bn2 is not None else A2, out,
         M, H, O, R,
         0 if shared else base.stride(0), xb.stride(0), xb.stride(1), A1.stride(0), A2.stride(0), B2.stride(0),
         out.stride(0),
         ACT=_ACT_CODE[activation], HAS_BN1=bn1 is not None, HAS_BN2=bn2 is not None,
-        BM=BM, BH=BH, BO=BO, BR=BR, num_warps=8 if BH >= 256 else 4,
+        BH=BH, BO=BO, BR=BR, **fixed,
     )
     return out
 

@@ -1,0 +1,133 @@
+"""MNIST classifiers trained by ``EggrollOptimizer.step(closure)``: an MLP and a CNN.
+
+Every ES step draws one minibatch shared by the whole population (the hooks compute the
+unperturbed ``x Wᵀ + b`` once for all members) and minimises the per-member cross-entropy.
+The minibatch of step ``t`` is a pure function of ``(seed, t)``, so a resumed run sees the same
+batches as an uninterrupted one. Test accuracy on the full 10k test set every ``eval_every`` steps.
+
+Models (the seed's): MLP 784-256(tanh)-10; CNN Conv(1→16, 3×3) - ReLU - MaxPool(2) -
+Conv(16→32, 3×3) - ReLU - MaxPool(2) - Flatten - Linear(1568→10), convs without bias. The convs
+are perturbed by the optimizer's hooks (factorised low-rank conv); pooling and Flatten see the
+population dim folded into the batch automatically.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..losses import per_member_cross_entropy
+from .data import load_mnist_2d, load_mnist_flat
+from .runner import RunConfig, Task, make_optimizer, train
+
+__all__ = ["CNN", "MLP", "MnistConfig", "MnistTask", "QUICK", "auto_chunk_size", "make_cnn", "make_mlp", "run"]
+
+
+@dataclass
+class MnistConfig(RunConfig):
+    model: str = "mlp"  # or "cnn"
+    population_size: int = 4096
+    sigma: float = 0.15
+    lr: float = 0.1
+    lr_decay: float = 1.0
+    sigma_decay: float = 0.999
+    max_epochs: int = 100
+    batch_size: int = 256
+    train_subset: int | None = None  # train on the first n training images only
+    data_dir: str | None = None  # None: $EGGROLL_DATA_DIR, else ./data
+    log_every: int = 10
+    eval_every: int = 10
+    checkpoint_every: int = 25
+
+
+MLP = dict(model="mlp")
+CNN = dict(model="cnn", population_size=2048, sigma=0.1, lr=0.1, lr_decay=0.998, batch_size=64)
+QUICK = {  # tiny CPU configurations for smoke tests: Adam, a 10k/5k training subset
+    "mlp": dict(population_size=512, batch_size=128, max_epochs=50, train_subset=10_000, optimizer="adam",
+                lr=0.02, sigma=0.05, sigma_decay=1.0, eval_every=25, checkpoint_every=25),
+    "cnn": dict(population_size=64, batch_size=32, max_epochs=20, train_subset=5_000, optimizer="adam",
+                lr=0.02, sigma=0.05, lr_decay=1.0, sigma_decay=1.0, eval_every=10, checkpoint_every=10),
+}
+_ACTIVATION = {"mlp": 256, "cnn": 16 * 28 * 28}  # largest activation per member and sample
+
+
+def make_mlp() -> nn.Sequential:
+    model = nn.Sequential(nn.Linear(784, 256), nn.Tanh(), nn.Linear(256, 10))
+    for layer in (model[0], model[2]):
+        nn.init.normal_(layer.weight, std=0.1)
+        nn.init.zeros_(layer.bias)
+    return model
+
+
+def make_cnn() -> nn.Sequential:
+    model = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.ReLU(), nn.MaxPool2d(2),  # (B, 16, 14, 14)
+        nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.ReLU(), nn.MaxPool2d(2),  # (B, 32, 7, 7)
+        nn.Flatten(), nn.Linear(32 * 7 * 7, 10),
+    )
+    nn.init.normal_(model[0].weight, std=0.1)
+    nn.init.normal_(model[3].weight, std=0.1)
+    nn.init.normal_(model[7].weight, std=1 / math.sqrt(32 * 7 * 7))
+    nn.init.zeros_(model[7].bias)
+    return model
+
+
+def auto_chunk_size(population_size: int, per_member: int, device: torch.device) -> int | None:
+    """Largest even chunk whose biggest activation stays under 2^28 elements on CUDA, 2^23 on CPU."""
+    budget = 2**28 if device.type == "cuda" else 2**23
+    chunk = max(2, budget // max(per_member, 1)) // 2 * 2
+    return None if chunk >= population_size else chunk
+
+
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+class MnistTask(Task):
+    metric_name = "train_loss"
+
+    def __init__(self, cfg: MnistConfig):
+        if cfg.model not in _ACTIVATION:
+            raise ValueError(f"Invalid model: {cfg.model!r} (expected 'mlp' or 'cnn')")
+        self.name, self.cfg, self.device = f"mnist_{cfg.model}", cfg, torch.device(cfg.device)
+        load = load_mnist_flat if cfg.model == "mlp" else load_mnist_2d
+        self.train_x, self.train_y, self.test_x, self.test_y = load(data_root=cfg.data_dir, device=self.device)
+        if cfg.train_subset:
+            self.train_x, self.train_y = self.train_x[:cfg.train_subset], self.train_y[:cfg.train_subset]
+        if cfg.chunk_size is None:  # resolved here, so the summary and checkpoint show it
+            per_member = cfg.batch_size * _ACTIVATION[cfg.model]
+            cfg = self.cfg = replace(cfg, chunk_size=auto_chunk_size(cfg.population_size, per_member, self.device))
+        torch.manual_seed(cfg.seed)
+        self.model = (make_mlp() if cfg.model == "mlp" else make_cnn()).to(self.device)
+        self.optimizer, self.scheduler = make_optimizer(self.model, cfg)
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step ``step``'s minibatch (uniform with replacement, keyed by ``(seed, step)``)."""
+        gen = _step_generator(self.cfg.seed, step)
+        idx = torch.randint(len(self.train_y), (self.cfg.batch_size,), generator=gen).to(self.device)
+        return self.train_x[idx], self.train_y[idx]
+
+    def train_step(self, step: int) -> dict:
+        x, y = self.batch(step)  # (B, 784) or (B, 1, 28, 28), shared by all members
+        loss = self.optimizer.step(lambda: per_member_cross_entropy(self.model(x), y))  # model(x): (n, B, 10)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return {"metric": loss}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Accuracy (%) of the unperturbed model on the full test set."""
+        size = 10_000 if self.cfg.model == "mlp" else 1_000
+        correct = sum((self.model(x).argmax(-1) == y).sum() for x, y in zip(self.test_x.split(size), self.test_y.split(size)))
+        return {"test_acc": round(100.0 * float(correct) / len(self.test_y), 3)}
+
+
+def run(cfg: MnistConfig, out: Path, checkpoint: dict | None = None, progress: bool = True) -> dict:
+    task = MnistTask(cfg)
+    summary = train(task, task.cfg, out, checkpoint, progress)
+    print(f"mnist_{cfg.model}: test accuracy {summary['test_acc']:.2f}% after {summary['steps']} steps "
+          f"(train loss {summary['final_metric']:.3f}), {summary['train_time_s']:.1f} s of training")
+    return summary

@@ -25,6 +25,8 @@ def _project(x: torch.Tensor, B: torch.Tensor, shared: bool) -> torch.Tensor:
         # one GEMM against every member's B at once: (M, in) @ (in, N*r)
         xB = x @ B.permute(1, 0, 2).reshape(in_dim, N * r)  # (M, N*r)
         return xB.view(x.shape[0], N, r).transpose(0, 1)  # (N, M, r)
+    if x.shape[1] == 1:  # one row per member: a product-sum is one pass, a batched GEMV is slow
+        return (x.transpose(1, 2) * B).sum(1, keepdim=True)  # (N, 1, r)
     return torch.bmm(x, B)  # (N, M, r)
 
 
@@ -105,4 +107,18 @@ def perturbed_linear(
     N, out_dim, _ = A_scaled.shape
     _check_features("perturbed_linear", x, weight.shape[1])
     x, shared = split_shared(x, N, 1, shared)
-    return lowrank_linear_add(F.linear(x, weight, bias), x, B, A_scaled, shared)
+    if shared:  # x Wᵀ + b once, broadcast under the low-rank term
+        return lowrank_linear_add(F.linear(x, weight, bias), x, B, A_scaled, shared)
+    # per member: the low-rank term (+ b) first, then the big GEMM accumulates onto it (beta = 1)
+    batch, in_dim = x.shape[1:-1], x.shape[-1]
+    x3 = x.reshape(N, -1, in_dim)
+    M = x3.shape[1]
+    xB, At = _project(x3, B, False), A_scaled.transpose(1, 2)  # (N, M, r), (N, r, out)
+    if M == 1:
+        delta = (xB.transpose(1, 2) * At).sum(1, keepdim=True)  # (N, 1, out)
+        delta = delta if bias is None else delta + bias
+    else:
+        init = bias.expand(N, M, out_dim) if bias is not None else x3.new_zeros(()).expand(N, M, out_dim)
+        delta = torch.baddbmm(init, xB, At)  # (N, M, out)
+    out = torch.addmm(delta.reshape(N * M, out_dim), x3.reshape(N * M, in_dim), weight.t())
+    return out.view(N, *batch, out_dim)

@@ -188,6 +188,12 @@ class EggrollOptimizer(torch.optim.Optimizer):
         self._population = Population(self._noise(), self.population_size, self.chunk_size, self._discard)
         return self._population
 
+    def discard(self) -> None:
+        """Drop the pending population without an update (nothing changes; ``ask()`` works again)."""
+        if self._population is not None:
+            self._population.close()
+        self._population = None
+
     def _discard(self, population: Population) -> None:
         if self._population is population:
             self._population = None

@@ -45,7 +45,7 @@ def _size(part: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="eggroll", description="EGGROLL recipes: evolution strategies with low-rank noise.")
+    p = argparse.ArgumentParser(prog="eggroll", description="EGGROLL recipes: ES with low-rank perturbations.")
     p.add_argument("--experiment", default="cartpole", choices=[*EXPERIMENTS, *ALIASES])
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--seed", type=int)
@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="MNIST minibatch per ES step")
     p.add_argument("--train-subset", type=int, help="MNIST: train on the first n training images")
     p.add_argument("--data-dir", help="MNIST root (default: $EGGROLL_DATA_DIR, else ./data)")
-    p.add_argument("--env-backend", choices=["gymnasium", "torch"], help="cartpole: gymnasium vector env (CPU) or torch env on --device")
+    p.add_argument("--env-backend", choices=["gymnasium", "torch"],
+                   help="cartpole: gymnasium's vector env (CPU, the default) or the torch env on --device")
     p.add_argument("--populations", type=_populations, help="hyperscale: comma-separated sizes, e.g. 1024,2^14")
     p.add_argument("--log-every", type=int, help="flush metrics (one host sync) every n steps")
     p.add_argument("--eval-every", type=int)
@@ -93,6 +94,16 @@ def make_config(name: str, args: argparse.Namespace, saved: dict | None = None):
     return replace(cfg, **{k: v for k, v in given.items() if k in RESUMABLE})
 
 
+_CLI_ONLY = {"experiment", "out", "resume", "quick", "no_progress"}
+
+
+def _warn_unused(name: str, args: argparse.Namespace) -> None:
+    names = {f.name for f in fields(EXPERIMENTS[name][0])}
+    unused = sorted(k for k, v in vars(args).items() if v is not None and k not in names | _CLI_ONLY)
+    if unused:
+        warnings.warn(f"{name} has no use for {['--' + k.replace('_', '-') for k in unused]}", stacklevel=2)
+
+
 def run_experiment(name: str, args: argparse.Namespace, out: Path) -> dict:
     _, _, _, run = EXPERIMENTS[name]
     saved = None
@@ -109,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     names = ALIASES.get(args.experiment, [args.experiment])
     for name in names:
+        if len(names) == 1:
+            _warn_unused(name, args)
         if args.out is None:
             out = Path("runs") / name
         else:

@@ -86,8 +86,6 @@ class GymnasiumRollouts:
 
     @torch.no_grad()
     def __call__(self, model: nn.Module, population, seed: int):
-        if population.chunked:
-            raise ValueError("env_backend='gymnasium' steps all members together: leave chunk_size unset")
         obs, _ = self.envs.reset(seed=seed % 2**31)
         returns = np.zeros(self.num_envs)
         done = np.zeros(self.num_envs, dtype=bool)
@@ -116,7 +114,9 @@ class TorchRollouts:
         returns, env_steps = [], []
         for members in population.chunks():
             n = members.stop - members.start
-            env = self.envs.setdefault(n, TorchCartPole(n, device=self.device))
+            if n not in self.envs:
+                self.envs[n] = TorchCartPole(n, device=self.device)
+            env = self.envs[n]
             r, s = rollout_returns(lambda obs: model(obs).argmax(-1), env, MAX_EPISODE_STEPS,
                                    seed=_step_seed(seed, members.start), paired=True)
             returns.append(r)
@@ -136,12 +136,17 @@ class CartPoleTask(Task):
         if cfg.env_backend == "gymnasium" and importlib.util.find_spec("gymnasium") is None:
             warnings.warn("gymnasium is not installed: CartPole runs on env_backend='torch'", stacklevel=2)
             cfg = replace(cfg, env_backend="torch")
+        if cfg.env_backend == "gymnasium" and (cfg.chunk_size or cfg.population_size) < cfg.population_size:
+            raise ValueError("env_backend='gymnasium' steps all members together: chunk_size needs env_backend='torch'")
         self.cfg, self.device = cfg, torch.device(cfg.device)
         torch.manual_seed(cfg.seed)
         self.model = make_policy(cfg.hidden).to(self.device)
         self.optimizer, self.scheduler = make_optimizer(self.model, cfg)
         gym = cfg.env_backend == "gymnasium"
         self.rollouts = GymnasiumRollouts(cfg.population_size, self.device) if gym else TorchRollouts(self.device)
+
+    def warmup_input(self) -> torch.Tensor:
+        return torch.zeros(self.cfg.population_size, 4, device=self.device)  # per-member observations
 
     def train_step(self, step: int) -> dict:
         population = self.optimizer.ask()

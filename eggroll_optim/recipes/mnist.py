@@ -49,7 +49,8 @@ QUICK = {  # tiny CPU configurations for smoke tests: Adam, a 10k/5k training su
     "mlp": dict(population_size=512, batch_size=128, max_epochs=50, train_subset=10_000, optimizer="adam",
                 lr=0.02, sigma=0.05, sigma_decay=1.0, eval_every=25, checkpoint_every=25),
     "cnn": dict(population_size=64, batch_size=32, max_epochs=20, train_subset=5_000, optimizer="adam",
-                lr=0.02, sigma=0.05, lr_decay=1.0, sigma_decay=1.0, eval_every=10, checkpoint_every=10),
+                lr=0.02, sigma=0.05, lr_decay=1.0, sigma_decay=1.0, eval_every=10, checkpoint_every=10,
+                chunk_size=32),  # two chunks: the chunked path runs in the smoke test too
 }
 _ACTIVATION = {"mlp": 256, "cnn": 16 * 28 * 28}  # largest activation per member and sample
 
@@ -76,8 +77,12 @@ def make_cnn() -> nn.Sequential:
 
 
 def auto_chunk_size(population_size: int, per_member: int, device: torch.device) -> int | None:
-    """Largest even chunk whose biggest activation stays under 2^28 elements on CUDA, 2^23 on CPU."""
-    budget = 2**28 if device.type == "cuda" else 2**23
+    """Largest even chunk whose biggest activation stays under 2^28 elements on CUDA, 2^25 on CPU.
+
+    (On CPU larger chunks run faster: a 2048-member MLP step took 2.1 s in chunks of 64, 0.96 s
+    in chunks of 512, 0.83 s unchunked; 2^25 keeps one activation at 128 MiB.)
+    """
+    budget = 2**28 if device.type == "cuda" else 2**25
     chunk = max(2, budget // max(per_member, 1)) // 2 * 2
     return None if chunk >= population_size else chunk
 
@@ -110,6 +115,9 @@ class MnistTask(Task):
         idx = torch.randint(len(self.train_y), (self.cfg.batch_size,), generator=gen).to(self.device)
         return self.train_x[idx], self.train_y[idx]
 
+    def warmup_input(self) -> torch.Tensor:
+        return self.batch(0)[0]
+
     def train_step(self, step: int) -> dict:
         x, y = self.batch(step)  # (B, 784) or (B, 1, 28, 28), shared by all members
         loss = self.optimizer.step(lambda: per_member_cross_entropy(self.model(x), y))  # model(x): (n, B, 10)
@@ -121,7 +129,8 @@ class MnistTask(Task):
     def evaluate(self) -> dict:
         """Accuracy (%) of the unperturbed model on the full test set."""
         size = 10_000 if self.cfg.model == "mlp" else 1_000
-        correct = sum((self.model(x).argmax(-1) == y).sum() for x, y in zip(self.test_x.split(size), self.test_y.split(size)))
+        batches = zip(self.test_x.split(size), self.test_y.split(size))
+        correct = sum((self.model(x).argmax(-1) == y).sum() for x, y in batches)
         return {"test_acc": round(100.0 * float(correct) / len(self.test_y), 3)}
 
 

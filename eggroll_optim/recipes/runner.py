@@ -77,6 +77,27 @@ class Task:
         """Evaluation written into ``summary.json`` at the end."""
         return self.evaluate()
 
+    def warmup_input(self) -> torch.Tensor | None:
+        """An input shaped like a step's (shared, or per member ``(N, ...)``), for ``warmup``."""
+        return None
+
+    @torch.no_grad()
+    def warmup(self) -> float:
+        """Run the perturbed model once and discard the population: one-time work (kernel
+        compilation, autotuning, allocator growth) stays out of the training time. Returns seconds."""
+        x = self.warmup_input()
+        if x is None:
+            return 0.0
+        t0 = time.perf_counter()
+        with self.optimizer.ask() as population:
+            for _ in population.chunks():
+                per_member = x.dim() > 1 and x.shape[0] == population.size and population.chunked
+                self.model(population.slice(x) if per_member else x)
+        self.optimizer.discard()
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        return time.perf_counter() - t0
+
 
 def make_optimizer(model: torch.nn.Module, cfg: RunConfig):
     """``EggrollOptimizer`` from the config, plus an ``ExponentialLR`` when ``lr_decay != 1``."""
@@ -182,6 +203,7 @@ def train(task: Task, cfg: RunConfig, out: Path, checkpoint: dict | None = None,
     start, elapsed, status = _restore(task, checkpoint) if checkpoint else (0, 0.0, "running")
     log = _MetricsLog(out / "metrics.jsonl", start if checkpoint else None)
     bar = _progress(cfg.max_epochs, min(start, cfg.max_epochs), task.name, progress)
+    warmup_s = task.warmup()  # compilation and autotuning, reported apart from training time
     t0, pending, step = time.perf_counter() - elapsed, [], start
     try:
         while step < cfg.max_epochs and status != "solved":
@@ -206,10 +228,11 @@ def train(task: Task, cfg: RunConfig, out: Path, checkpoint: dict | None = None,
                 _checkpoint(task, cfg, out, step, time.perf_counter() - t0, status)
     finally:
         bar.close()
-    return _finish(task, cfg, out, log, start, step, time.perf_counter() - t0, status)
+    return _finish(task, cfg, out, log, start, step, time.perf_counter() - t0, status, warmup_s)
 
 
-def _finish(task: Task, cfg: RunConfig, out: Path, log: _MetricsLog, start: int, step: int, elapsed: float, status: str) -> dict:
+def _finish(task: Task, cfg: RunConfig, out: Path, log: _MetricsLog, start: int, step: int,
+            elapsed: float, status: str, warmup_s: float = 0.0) -> dict:
     records = log.read()
     metrics = [r["metric"] for r in records]
     solved_at = next((r["step"] for r in records if task.solved(r)), None)
@@ -217,6 +240,7 @@ def _finish(task: Task, cfg: RunConfig, out: Path, log: _MetricsLog, start: int,
         "experiment": task.name, "status": "completed" if status == "running" else status,
         "steps": step, "solved_at_step": solved_at, "resumed_from_step": start or None, "metric_name": task.metric_name,
         "final_metric": metrics[-1] if metrics else None, "train_time_s": round(elapsed, 3),
+        "warmup_s": round(warmup_s, 3),
         **task.final_evaluation(),
         "plot": plot_learning_curve(records, task.metric_name, out / "learning_curve.png"),
         "config": asdict(cfg), "environment": environment(cfg.device),
@@ -227,7 +251,11 @@ def _finish(task: Task, cfg: RunConfig, out: Path, log: _MetricsLog, start: int,
 
 def environment(device: str) -> dict:
     """Where a result was measured: device name, torch and python versions."""
-    name = torch.cuda.get_device_name(torch.device(device)) if torch.device(device).type == "cuda" else platform.processor() or platform.machine()
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
     return {"device": str(device), "device_name": name, "torch": torch.__version__, "python": platform.python_version()}
 
 

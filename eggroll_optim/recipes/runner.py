@@ -241,12 +241,19 @@ def _finish(task: Task, cfg: RunConfig, out: Path, log: _MetricsLog, start: int,
         "steps": step, "solved_at_step": solved_at, "resumed_from_step": start or None, "metric_name": task.metric_name,
         "final_metric": metrics[-1] if metrics else None, "train_time_s": round(elapsed, 3),
         "warmup_s": round(warmup_s, 3),
+        "peak_memory_gb": _peak_memory_gb(cfg.device),
         **task.final_evaluation(),
         "plot": plot_learning_curve(records, task.metric_name, out / "learning_curve.png"),
         "config": asdict(cfg), "environment": environment(cfg.device),
     }
     atomic_write_text(json.dumps(summary, indent=2) + "\n", out / "summary.json")
     return summary
+
+
+def _peak_memory_gb(device: str) -> float | None:
+    """Peak CUDA memory allocated by this process (None on CPU)."""
+    device = torch.device(device)
+    return round(torch.cuda.max_memory_allocated(device) / 1e9, 3) if device.type == "cuda" else None
 
 
 def environment(device: str) -> dict:

@@ -10,10 +10,10 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT"
 run() {  # name limit_s args...
   local name=$1 limit=$2; shift 2
-  local t0=$(date +%s.%N)
+  local t0=$(date +%s%N)
   timeout -k 5 "$limit" "$PY" -m eggroll_optim.recipes --no-progress --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1
-  local rc=$? t1=$(date +%s.%N)
-  echo "== $name rc=$rc process_s=$(echo "$t1 - $t0" | bc) :: $*"
+  local rc=$?
+  echo "== $name rc=$rc whole_process_ms=$((($(date +%s%N) - t0) / 1000000)) :: $*"
   tail -n 4 "$OUT/$name.log"
 }
 run cartpole_torch 120 --experiment cartpole --env-backend torch

@@ -43,8 +43,13 @@ class MnistConfig(RunConfig):
     checkpoint_every: int = 25
 
 
-MLP = dict(model="mlp")
-CNN = dict(model="cnn", population_size=2048, sigma=0.1, lr=0.1, lr_decay=0.998, batch_size=64)
+# Defaults: the best configurations measured on one H100 (benchmarks/RESULTS.md, "Learning").
+# The seed's recipes stay one flag set away, e.g. MLP: --optimizer sgd --lr 0.1 --sigma 0.15
+# --sigma-decay 0.999 --lr-decay 1 --population-size 4096 --batch-size 256 --max-epochs 100.
+MLP = dict(model="mlp", optimizer="adam", population_size=8192, batch_size=512, lr=0.01, lr_decay=0.999,
+           sigma=0.05, sigma_decay=1.0, max_epochs=3000, eval_every=250)
+CNN = dict(model="cnn", optimizer="adam", population_size=2048, batch_size=64, chunk_size=256, lr=0.01,
+           lr_decay=0.998, sigma=0.05, sigma_decay=1.0, max_epochs=1300, eval_every=100)
 QUICK = {  # tiny CPU configurations for smoke tests: Adam, a 10k/5k training subset
     "mlp": dict(population_size=512, batch_size=128, max_epochs=50, train_subset=10_000, optimizer="adam",
                 lr=0.02, sigma=0.05, sigma_decay=1.0, eval_every=25, checkpoint_every=25),

@@ -58,6 +58,8 @@ def lowrank_linear_add(
         xB = torch.cat([xB, xB.new_ones(N, xB.shape[1], 1)], dim=2)  # (N, M, r + 1)
         At = torch.cat([At, bias_noise.unsqueeze(1).to(At.dtype)], dim=1)  # (N, r + 1, out)
     base3 = base.reshape(-1, out_dim).expand(N, -1, out_dim) if shared else base.reshape(N, -1, out_dim)
+    if shared:  # write the low-rank term once, then add the broadcast base in place
+        return torch.bmm(xB, At).add_(base3).view(N, *batch, out_dim)
     return torch.baddbmm(base3, xB, At).view(N, *batch, out_dim)
 
 

@@ -24,7 +24,8 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
 
 __all__ = ["ACTIVATIONS", "fused_mlp_available", "perturbed_mlp", "perturbed_mlp_reference"]
 
-ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "identity": lambda h: h}
+# in place: the reference applies them to a tensor it has just created (no fresh allocation)
+ACTIVATIONS = {"tanh": torch.tanh_, "relu": torch.relu_, "identity": lambda h: h}
 _ACT_CODE = {"identity": 0, "tanh": 1, "relu": 2}
 
 

@@ -12,6 +12,7 @@ from functools import partial
 
 import torch.nn as nn
 
+from .hooks import IDLE, idle_error
 from .kernels.fast import fused_mlp_available, perturbed_mlp
 
 __all__ = ["find_mlp_blocks", "install_mlp_hooks"]
@@ -39,10 +40,12 @@ def _layer(chunk, linear: nn.Linear):
     return (linear.weight, linear.bias, A_scaled, B), bias_noise
 
 
-def _pre_hook(get_chunk, block, args):
-    chunk = get_chunk()
+def _pre_hook(switch, block, args):
+    chunk = switch.chunk
     if chunk is None:
         return None
+    if chunk is IDLE:
+        raise idle_error()
     first, act, second = block
     x = args[0]
     shared = chunk.shared(x, 1)
@@ -57,9 +60,9 @@ def _pre_hook(get_chunk, block, args):
     return (x2.new_empty(0, x2.shape[-1]), *args[1:])
 
 
-def _post_hook(get_chunk, block, args, output):
-    chunk = get_chunk()
-    if chunk is None or block not in chunk.pending:
+def _post_hook(switch, block, args, output):
+    chunk = switch.chunk
+    if chunk is None or chunk is IDLE or block not in chunk.pending:
         return None
     first, act, second = block
     x2, shared, lead = chunk.pending.pop(block)
@@ -71,11 +74,11 @@ def _post_hook(get_chunk, block, args, output):
     return out.view(chunk.size, *lead, out.shape[-1])
 
 
-def install_mlp_hooks(blocks, get_chunk) -> list:
+def install_mlp_hooks(blocks, switch) -> list:
     """Register the fused hooks on each block; returns the ``RemovableHandle``s."""
     handles = []
     for block in blocks:
-        handles.append(block.register_forward_pre_hook(partial(_pre_hook, get_chunk)))
-        handles.append(block.register_forward_hook(partial(_post_hook, get_chunk)))
+        handles.append(block.register_forward_pre_hook(partial(_pre_hook, switch)))
+        handles.append(block.register_forward_hook(partial(_post_hook, switch)))
     return handles
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .kernels import lowrank_conv_delta, lowrank_embedding_delta, lowrank_linear_add
 
-__all__ = ["Chunk", "FOLD_LAYERS", "LOWRANK_LAYERS", "NORM_LAYERS", "SUPPORTED_LAYERS", "check_layer", "install_hooks", "is_lowrank"]
+__all__ = ["Chunk", "IDLE", "Switch", "idle_error", "FOLD_LAYERS", "LOWRANK_LAYERS", "NORM_LAYERS", "SUPPORTED_LAYERS", "check_layer", "install_hooks", "is_lowrank"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d)
 LOWRANK_LAYERS = (nn.Linear, nn.Embedding, *_CONVS)
@@ -38,6 +38,22 @@ FOLD_LAYERS = (
 def is_lowrank(module: nn.Module, name: str) -> bool:
     """Weights of linear, conv and embedding layers get low-rank noise; the rest full-rank."""
     return name == "weight" and isinstance(module, LOWRANK_LAYERS)
+
+
+class Switch:
+    """What every hook reads first: the active ``Chunk``, ``None`` (inert) or ``IDLE``."""
+
+    __slots__ = ("chunk",)
+
+    def __init__(self):
+        self.chunk = None
+
+
+IDLE = object()  # a chunked population between chunks: running the module then is a mistake
+
+
+def idle_error() -> RuntimeError:
+    return RuntimeError("This population is chunked: run the module inside `for members in population.chunks():`")
 
 
 @dataclass
@@ -166,9 +182,13 @@ def _norm(chunk: Chunk, module: nn.Module, x, shared: bool) -> torch.Tensor:
     return _affine(chunk, module, xhat, shared, xhat.dim() + shared - len(shape))
 
 
-def _pre_hook(get_chunk, module, args):
-    chunk = get_chunk()
-    if chunk is None or module in chunk.bypass:
+def _pre_hook(switch, module, args):
+    chunk = switch.chunk
+    if chunk is None:
+        return None
+    if chunk is IDLE:
+        raise idle_error()
+    if module in chunk.bypass:
         return None
     x = args[0]
     if isinstance(module, FOLD_LAYERS):
@@ -178,9 +198,9 @@ def _pre_hook(get_chunk, module, args):
     return (_pre(chunk, module, x), *args[1:])
 
 
-def _post_hook(get_chunk, module, args, output):
-    chunk = get_chunk()
-    if chunk is None or module in chunk.bypass:
+def _post_hook(switch, module, args, output):
+    chunk = switch.chunk
+    if chunk is None or chunk is IDLE or module in chunk.bypass:
         return None
     if isinstance(module, FOLD_LAYERS):
         lead = chunk.pending.pop(module)
@@ -205,14 +225,14 @@ def check_layer(module: nn.Module) -> None:
         raise TypeError(f"{module}: max_norm and sparse embeddings are not supported")
 
 
-def install_hooks(modules, get_chunk) -> list:
+def install_hooks(modules, switch: Switch) -> list:
     """Register the pre- and post-hooks on every module; returns their ``RemovableHandle``s.
 
-    ``get_chunk()`` returns the active ``Chunk`` or ``None`` (hooks inert).
+    ``switch.chunk`` is the active ``Chunk``, or ``None`` (hooks inert: one attribute read each).
     """
     handles = []
     for module in modules:
         check_layer(module)
-        handles.append(module.register_forward_pre_hook(partial(_pre_hook, get_chunk)))
-        handles.append(module.register_forward_hook(partial(_post_hook, get_chunk)))
+        handles.append(module.register_forward_pre_hook(partial(_pre_hook, switch)))
+        handles.append(module.register_forward_hook(partial(_post_hook, switch)))
     return handles

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from .core import validate_hyperparameters
 from .fusion import find_mlp_blocks, install_mlp_hooks
-from .hooks import FOLD_LAYERS, SUPPORTED_LAYERS, install_hooks, is_lowrank
+from .hooks import FOLD_LAYERS, SUPPORTED_LAYERS, Switch, install_hooks, is_lowrank
 from .population import Population, PopulationNoise
 from .shaping import check_fitness, resolve_shaping
 
@@ -112,6 +112,7 @@ class EggrollOptimizer(torch.optim.Optimizer):
         self.inner = self._make_inner(optimizer)
         self._step_count = 0
         self._population: Population | None = None
+        self._switch = Switch()  # the hooks read the active chunk from here (None: inert)
         self._handles = []
         self._install()
 
@@ -166,10 +167,9 @@ class EggrollOptimizer(torch.optim.Optimizer):
         self.remove_hooks()
         modules = {self._owners[p][0]: None for g in self.param_groups for p in g["params"]}
         modules.update({m: None for m in self.module.modules() if isinstance(m, FOLD_LAYERS)})
-        ref = weakref.ref(self)
         evolved = {p for g in self.param_groups for p in g["params"]}
-        self._handles = install_hooks(modules, lambda: _active_chunk(ref))
-        self._handles += install_mlp_hooks(find_mlp_blocks(self.module, evolved), lambda: _active_chunk(ref))
+        self._handles = install_hooks(modules, self._switch)
+        self._handles += install_mlp_hooks(find_mlp_blocks(self.module, evolved), self._switch)
         self._finalizer = weakref.finalize(self, _remove, self._handles)
 
     def remove_hooks(self) -> None:
@@ -185,7 +185,9 @@ class EggrollOptimizer(torch.optim.Optimizer):
         """
         if self._population is not None:
             raise RuntimeError("ask() called twice: call tell(fitness) for the pending population first")
-        self._population = Population(self._noise(), self.population_size, self.chunk_size, self._discard)
+        self._population = Population(
+            self._noise(), self.population_size, self.chunk_size, self._discard, self._switch
+        )
         return self._population
 
     def discard(self) -> None:
@@ -196,7 +198,7 @@ class EggrollOptimizer(torch.optim.Optimizer):
 
     def _discard(self, population: Population) -> None:
         if self._population is population:
-            self._population = None
+            self.discard()
 
     def _noise(self) -> PopulationNoise:
         step = 0 if self.reuse_noise else self._step_count
@@ -219,7 +221,7 @@ class EggrollOptimizer(torch.optim.Optimizer):
         missing = [p for p in population.noise.params if self._owners[p][0] not in population.fired]
         if missing:
             names = {p: n for n, p in self.module.named_parameters()}
-            self._population = None  # its hooks are spent: discard it so that ask() works again
+            self.discard()  # its evaluation is spent: discard it so that ask() works again
             raise RuntimeError(
                 f"No forward ran through the layers of {[names[p] for p in missing]} during this ask(): "
                 "their update would be pure noise. Nothing was updated; the population is discarded."
@@ -234,7 +236,7 @@ class EggrollOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             group["sigma"] *= self.sigma_decay
         self._step_count += 1
-        self._population = None
+        self.discard()
         self._opt_called = True  # lr_scheduler's check that the optimizer stepped
 
     def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -259,7 +261,7 @@ class EggrollOptimizer(torch.optim.Optimizer):
             loss = torch.cat(losses)
             self.tell(-loss)
         except BaseException:  # a bad closure or loss must not leave a population pending
-            self._population = None
+            self.discard()
             raise
         return loss.mean()
 
@@ -290,12 +292,6 @@ class EggrollOptimizer(torch.optim.Optimizer):
     @property
     def step_count(self) -> int:
         return self._step_count
-
-
-def _active_chunk(ref):
-    opt = ref()
-    population = None if opt is None else opt._population
-    return None if population is None else population.active_chunk()
 
 
 def _remove(handles) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .hooks import Chunk
+from .hooks import IDLE, Chunk, Switch
 from .kernels import fullrank_gradient_sum, lowrank_gradient_sum
 from .noise import antithetic, keyed_pair_normals, noise_dtype, noise_key
 
@@ -53,13 +53,15 @@ class Population:
     Chunked, ``for members in population.chunks():`` activates ``members`` (a ``slice``) in turn.
     """
 
-    def __init__(self, noise: PopulationNoise, population_size: int, chunk_size: int, on_abort=None):
+    def __init__(self, noise: PopulationNoise, population_size: int, chunk_size: int, on_abort=None,
+                 switch: Switch | None = None):
         self.noise, self.size, self.chunk_size = noise, population_size, chunk_size
+        self.switch = Switch() if switch is None else switch  # what the hooks read
         self._on_abort = on_abort  # called when a ``with`` block exits with an exception
         self.fired: set = set()
-        self._active: Chunk | None = None
         self._cache: tuple[int, int, dict] | None = None
         self._closed = False
+        self._set_active(None)
         if chunk_size >= population_size:
             self._activate(0, population_size)
 
@@ -77,13 +79,13 @@ class Population:
         self._cache = (start, stop, noise)
         return noise
 
-    def _activate(self, start: int, stop: int) -> None:
-        self._active = Chunk(self.size, start, stop, self._noise_for(start, stop), self.fired)
+    def _set_active(self, chunk: Chunk | None) -> None:
+        self._active = chunk
+        idle = chunk is None and self.chunked and not self._closed
+        self.switch.chunk = IDLE if idle else chunk
 
-    def active_chunk(self) -> Chunk | None:
-        if self._active is None and self.chunked and not self._closed:
-            raise RuntimeError("This population is chunked: run the module inside `for members in population.chunks():`")
-        return self._active
+    def _activate(self, start: int, stop: int) -> None:
+        self._set_active(Chunk(self.size, start, stop, self._noise_for(start, stop), self.fired))
 
     def chunks(self):
         """Yield ``slice(start, stop)`` for each chunk, with its perturbations active."""
@@ -91,7 +93,7 @@ class Population:
             self._activate(start, stop)
             yield slice(start, stop)
         if self.chunked:
-            self._active = None
+            self._set_active(None)
 
     @property
     def members(self) -> slice:
@@ -122,7 +124,8 @@ class Population:
 
     def close(self) -> None:
         """Make the hooks inert (the noise keys stay for ``tell``)."""
-        self._active, self._closed = None, True
+        self._closed = True
+        self._set_active(None)
 
     def __enter__(self) -> "Population":
         return self

@@ -32,6 +32,7 @@ FOLD_LAYERS = (
     nn.Flatten, nn.Unflatten, nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle,
     nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
     nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,  # frozen ones (unsupported="freeze")
 )
 
 
@@ -232,7 +233,6 @@ def install_hooks(modules, switch: Switch) -> list:
     """
     handles = []
     for module in modules:
-        check_layer(module)
         handles.append(module.register_forward_pre_hook(partial(_pre_hook, switch)))
         handles.append(module.register_forward_hook(partial(_post_hook, switch)))
     return handles

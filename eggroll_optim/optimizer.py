@@ -11,9 +11,9 @@ import torch.nn as nn
 
 from .core import validate_hyperparameters
 from .fusion import find_mlp_blocks, install_mlp_hooks
-from .hooks import FOLD_LAYERS, SUPPORTED_LAYERS, Switch, install_hooks, is_lowrank
+from .hooks import FOLD_LAYERS, SUPPORTED_LAYERS, Switch, check_layer, install_hooks, is_lowrank
 from .population import Population, PopulationNoise
-from .shaping import check_fitness, resolve_shaping
+from .shaping import SHAPINGS, check_fitness, resolve_shaping
 
 __all__ = ["EggrollOptimizer"]
 
@@ -104,7 +104,7 @@ class EggrollOptimizer(torch.optim.Optimizer):
         self.noise_block = noise_block or min(population_size // 2, MAX_BLOCK_PAIRS)
         self.nan_policy = nan_policy
         self.shaping = resolve_shaping(fitness_shaping)
-        self._owners = self._find_owners(module, unsupported)
+        self._owners, self._holders = self._find_owners(module, unsupported)
         self._param_index = {p: i for i, p in enumerate(module.parameters())}
         if params is None:
             params = [p for p, (m, name) in self._owners.items() if evolve_biases or is_lowrank(m, name)]
@@ -118,14 +118,21 @@ class EggrollOptimizer(torch.optim.Optimizer):
 
     # ----- construction -------------------------------------------------------------------
     @staticmethod
-    def _find_owners(module: nn.Module, unsupported: str) -> dict:
-        owners, bad = {}, []
+    def _find_owners(module: nn.Module, unsupported: str) -> tuple[dict, dict]:
+        """``{param: (first layer, name)}`` and ``{param: [every layer holding it]}`` (tied weights).
+
+        Only the ``weight``/``bias`` of a supported layer whose ``forward`` is the stock one counts:
+        anything else (weight_norm's ``weight_g``, an extra parameter of a subclass) would be
+        updated without ever being perturbed.
+        """
+        owners, holders, bad = {}, {}, []
         for path, sub in module.named_modules():
             for name, p in sub.named_parameters(recurse=False):
                 if not p.requires_grad:
                     continue
-                if isinstance(sub, SUPPORTED_LAYERS):
-                    owners[p] = (sub, name)
+                if name in ("weight", "bias") and _stock_layer(sub):
+                    owners.setdefault(p, (sub, name))
+                    holders.setdefault(p, []).append(sub)
                 else:
                     bad.append(f"{path or '<root>'}.{name} ({type(sub).__name__})")
         if bad and unsupported == "raise":
@@ -137,10 +144,15 @@ class EggrollOptimizer(torch.optim.Optimizer):
             warnings.warn(f"EggrollOptimizer leaves these parameters untouched: {bad}", stacklevel=3)
         if not owners:
             raise ValueError(f"{type(module).__name__} has no trainable parameter that EGGROLL can perturb")
-        return owners
+        return owners, holders
 
     def add_param_group(self, param_group: dict) -> None:
-        for p in param_group["params"] if not isinstance(param_group["params"], torch.Tensor) else [param_group["params"]]:
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)  # generators: read once
+        if not params:
+            raise ValueError("A param group of EggrollOptimizer needs at least one parameter")
+        param_group = dict(param_group, params=params)
+        for p in params:
             if p not in getattr(self, "_owners", {}):
                 raise ValueError(
                     f"Parameter of shape {tuple(p.shape)} is not a trainable parameter of a supported "
@@ -165,9 +177,11 @@ class EggrollOptimizer(torch.optim.Optimizer):
 
     def _install(self) -> None:
         self.remove_hooks()
-        modules = {self._owners[p][0]: None for g in self.param_groups for p in g["params"]}
-        modules.update({m: None for m in self.module.modules() if isinstance(m, FOLD_LAYERS)})
+        # every stock layer, evolved or not: a frozen conv or norm still sees per-member inputs
+        modules = [m for m in self.module.modules() if _stock_layer(m) or isinstance(m, FOLD_LAYERS)]
         evolved = {p for g in self.param_groups for p in g["params"]}
+        for layer in {m for p in evolved for m in self._holders[p]}:
+            check_layer(layer)  # options the perturbation cannot honour (padding_mode, max_norm)
         self._handles = install_hooks(modules, self._switch)
         self._handles += install_mlp_hooks(find_mlp_blocks(self.module, evolved), self._switch)
         self._finalizer = weakref.finalize(self, _remove, self._handles)
@@ -207,7 +221,9 @@ class EggrollOptimizer(torch.optim.Optimizer):
             for p in group["params"]:
                 module, name = self._owners[p]
                 key = (self.seed, step, self._param_index[p])
-                entries.append((p, key, group["sigma"], group["rank"], is_lowrank(module, name)))
+                lowrank = is_lowrank(module, name)
+                padding = getattr(module, "padding_idx", None) if lowrank else None  # that row stays put
+                entries.append((p, key, group["sigma"], group["rank"], lowrank, padding))
         return PopulationNoise(entries, self.noise_block)
 
     @torch.no_grad()
@@ -218,7 +234,7 @@ class EggrollOptimizer(torch.optim.Optimizer):
             raise RuntimeError("tell() called before ask()")
         device = next(iter(population.noise.entries))[0].device
         fitness = check_fitness(fitness, self.population_size, device, self.nan_policy)
-        missing = [p for p in population.noise.params if self._owners[p][0] not in population.fired]
+        missing = [p for p in population.noise.params if not any(m in population.fired for m in self._holders[p])]
         if missing:
             names = {p: n for n, p in self.module.named_parameters()}
             self.discard()  # its evaluation is spent: discard it so that ask() works again
@@ -226,7 +242,7 @@ class EggrollOptimizer(torch.optim.Optimizer):
                 f"No forward ran through the layers of {[names[p] for p in missing]} during this ask(): "
                 "their update would be pure noise. Nothing was updated; the population is discarded."
             )
-        shaped = self.shaping(fitness)
+        shaped = self._shape(fitness)
         grads = population.gradients(shaped)
         for p, g in grads.items():
             p.grad = (-g / math.sqrt(self.population_size)).to(p.dtype)
@@ -238,6 +254,17 @@ class EggrollOptimizer(torch.optim.Optimizer):
         self._step_count += 1
         self.discard()
         self._opt_called = True  # lr_scheduler's check that the optimizer stepped
+
+    def _shape(self, fitness: torch.Tensor) -> torch.Tensor:
+        shaped = self.shaping(fitness)
+        if self.shaping in SHAPINGS.values():  # the built-in ones are finite for finite input
+            return shaped
+        if not isinstance(shaped, torch.Tensor) or shaped.shape != fitness.shape:
+            got = tuple(shaped.shape) if isinstance(shaped, torch.Tensor) else type(shaped).__name__
+            raise ValueError(f"fitness_shaping must return a tensor of shape {tuple(fitness.shape)}, got {got}")
+        if not bool(torch.isfinite(shaped).all()):
+            raise ValueError("fitness_shaping returned NaN/inf (constant fitness divided by its std?); nothing was updated")
+        return shaped
 
     def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Drop-in step: ``closure()`` returns per-member losses ``(n,)`` (lower is better).
@@ -292,6 +319,11 @@ class EggrollOptimizer(torch.optim.Optimizer):
     @property
     def step_count(self) -> int:
         return self._step_count
+
+
+def _stock_layer(module: nn.Module) -> bool:
+    """A supported layer (or a subclass) whose ``forward`` is the one the hooks know."""
+    return any(isinstance(module, base) and type(module).forward is base.forward for base in SUPPORTED_LAYERS)
 
 
 def _remove(handles) -> None:

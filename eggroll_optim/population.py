@@ -18,7 +18,8 @@ __all__ = ["Population", "PopulationNoise"]
 class PopulationNoise:
     """Keys and scales of every evolved parameter for one step.
 
-    ``entries``: ``(param, (seed, step, param_index), sigma, rank, lowrank)`` tuples.
+    ``entries``: ``(param, (seed, step, param_index), sigma, rank, lowrank, zero_row)`` tuples;
+    ``zero_row`` (or None) is a row of ``A`` kept at zero, such as an embedding's ``padding_idx``.
     """
 
     def __init__(self, entries: list, block_pairs: int):
@@ -31,7 +32,7 @@ class PopulationNoise:
     def chunk_noise(self, start: int, stop: int) -> dict:
         """``{param: (A_scaled (n, m, r), B (n, k, r))}`` or ``{param: noise (n, *shape)}``."""
         noise = {}
-        for p, key, sigma, rank, lowrank in self.entries:
+        for p, key, sigma, rank, lowrank, zero_row in self.entries:
             shapes = [(p.shape[0], rank), (p[0].numel(), rank)] if lowrank else [tuple(p.shape)]
             draws = keyed_pair_normals(
                 noise_key(*key), shapes, start // 2, stop // 2,
@@ -39,6 +40,8 @@ class PopulationNoise:
             )
             if lowrank:
                 A_scaled, _, B = antithetic(draws[0], draws[1], sigma, rank)
+                if zero_row is not None:  # e.g. an embedding's padding_idx: never perturbed, never updated
+                    A_scaled[:, zero_row] = 0
                 noise[p] = (A_scaled, B)
             else:
                 eps = draws[0]

@@ -235,7 +235,7 @@ def test_unsupported_trainable_layer_raises_or_is_frozen_with_a_warning():
         EggrollOptimizer(net, population_size=N)
     with pytest.warns(UserWarning, match="BatchNorm1d"):
         opt = EggrollOptimizer(net, population_size=N, unsupported="freeze")
-    assert _hook_count(net[0]) == 0
+    # the frozen BatchNorm only folds per-member inputs (a fold hook); it is never perturbed or updated
     bn_before, lin_before = [p.detach().clone() for p in net[0].parameters()], net[1].weight.detach().clone()
     x = torch.randn(5, 3)
     opt.step(lambda: net(x).square().flatten(1).mean(1))

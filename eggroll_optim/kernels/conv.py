@@ -100,4 +100,5 @@ def perturbed_conv(
     else:
         base = conv(x.flatten(0, 1), weight, bias, **conv_args)
         base = base.view(N, x.shape[1], *base.shape[1:])  # (N, Bt, C_out, *S)
+    A_scaled, B = A_scaled.to(x.dtype), B.to(x.dtype)  # float32 noise may serve half-precision weights
     return base + lowrank_conv_delta(x, weight.shape, A_scaled, B, conv_args, shared)

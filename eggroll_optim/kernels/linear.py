@@ -78,6 +78,7 @@ def lowrank_linear_delta(
     N, out_dim, _ = A_scaled.shape
     _check_features("lowrank_linear_delta", x, B.shape[1])
     x, shared = split_shared(x, N, 1, shared)
+    A_scaled, B = A_scaled.to(x.dtype), B.to(x.dtype)
     batch = x.shape[:-1] if shared else x.shape[1:-1]
     x3 = x.reshape(-1, x.shape[-1]) if shared else x.reshape(N, -1, x.shape[-1])
     delta = torch.bmm(_project(x3, B, shared), A_scaled.transpose(1, 2))  # (N, M, out)
@@ -109,6 +110,7 @@ def perturbed_linear(
     N, out_dim, _ = A_scaled.shape
     _check_features("perturbed_linear", x, weight.shape[1])
     x, shared = split_shared(x, N, 1, shared)
+    A_scaled, B = A_scaled.to(x.dtype), B.to(x.dtype)  # float32 noise may serve half-precision weights
     if shared:  # x Wᵀ + b once, broadcast under the low-rank term
         return lowrank_linear_add(F.linear(x, weight, bias), x, B, A_scaled, shared)
     # per member: the low-rank term (+ b) first, then the big GEMM accumulates onto it (beta = 1)

@@ -50,7 +50,7 @@ if triton is not None:
         base_ptr, xb_ptr, a1_ptr, bn1_ptr, w2_ptr, b2_ptr, bb2_ptr, a2_ptr, bn2_ptr, out_ptr,
         M, H, O, R,
         stride_base_n, stride_xb_n, stride_xb_m, stride_a1_n, stride_a2_n, stride_bb2_n, stride_out_n,
-        ACT: tl.constexpr, HAS_BN1: tl.constexpr, HAS_BN2: tl.constexpr,
+        ACT: tl.constexpr, HAS_BN1: tl.constexpr, HAS_BN2: tl.constexpr, PREC: tl.constexpr,
         BM: tl.constexpr, BH: tl.constexpr, BO: tl.constexpr, BR: tl.constexpr,
     ):
         n = tl.program_id(0)
@@ -68,7 +68,7 @@ if triton is not None:
                      mask=row_ok[:, None] & r_ok[None, :], other=0.0)  # (BM, BR)
         a1t = tl.load(a1_ptr + n * stride_a1_n + hid[None, :] * R + rk[:, None],
                       mask=r_ok[:, None] & hid_ok[None, :], other=0.0)  # (BR, BH)
-        h += tl.dot(xb, a1t)
+        h += tl.dot(xb, a1t, input_precision=PREC)
         if ACT == 1:
             h = 1.0 - 2.0 / (tl.exp(2.0 * h) + 1.0)
         elif ACT == 2:
@@ -76,13 +76,13 @@ if triton is not None:
         h = tl.where(hid_ok[None, :], h, 0.0)
         # layer 2: y = h W2ᵀ + b2 + (h B2_n) A2_nᵀ           (BM, BO)
         w2t = tl.load(w2_ptr + outs[None, :] * H + hid[:, None], mask=hid_ok[:, None] & out_ok[None, :], other=0.0)
-        y = tl.dot(h, w2t)
+        y = tl.dot(h, w2t, input_precision=PREC)
         b2n = tl.load(bb2_ptr + n * stride_bb2_n + hid[:, None] * R + rk[None, :],
                       mask=hid_ok[:, None] & r_ok[None, :], other=0.0)  # (BH, BR)
-        hb = tl.dot(h, b2n)
+        hb = tl.dot(h, b2n, input_precision=PREC)
         a2t = tl.load(a2_ptr + n * stride_a2_n + outs[None, :] * R + rk[:, None],
                       mask=r_ok[:, None] & out_ok[None, :], other=0.0)  # (BR, BO)
-        y += tl.dot(hb, a2t)
+        y += tl.dot(hb, a2t, input_precision=PREC)
         y += tl.load(b2_ptr + outs, mask=out_ok, other=0.0)[None, :]
         if HAS_BN2:
             y += tl.load(bn2_ptr + n * O + outs, mask=out_ok, other=0.0)[None, :]
@@ -190,6 +190,7 @@ def _fused(x, layer1, layer2, activation, shared, bias_noise):
         0 if shared else base.stride(0), xb.stride(0), xb.stride(1), A1.stride(0), A2.stride(0), B2.stride(0),
         out.stride(0),
         ACT=_ACT_CODE[activation], HAS_BN1=bn1 is not None, HAS_BN2=bn2 is not None,
+        PREC="tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee",  # as torch's own matmuls
         BH=BH, BO=BO, BR=BR, **fixed,
     )
     return out

@@ -1,0 +1,121 @@
+"""Edge cases found in review: param-group generators, tied weights, parameters no hook perturbs,
+frozen layers between evolved ones, padding_idx, dtype of functional factors, shaping callables."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from eggroll_optim import EggrollOptimizer
+from eggroll_optim.core import generate_perturbations, get_params_dict, get_weight_shapes, perturbed_forward
+
+N = 4
+
+
+def test_param_group_given_as_a_generator_is_read_once():
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
+    opt = EggrollOptimizer(model, [{"params": model.parameters()}], population_size=N)
+    assert [len(g["params"]) for g in opt.param_groups] == [4]
+    before = model[0].weight.detach().clone()
+    with opt.ask():
+        out = model(torch.randn(6, 5))
+    opt.tell(out.sum((1, 2)))
+    assert not torch.equal(model[0].weight, before)
+    with pytest.raises(ValueError, match="at least one parameter"):
+        EggrollOptimizer(model, [{"params": []}], population_size=N)
+
+
+def test_parameters_the_hooks_never_perturb_are_rejected():
+    lin = nn.utils.parametrizations.weight_norm(nn.Linear(3, 2)) if hasattr(nn.utils, "parametrizations") else None
+    with pytest.raises(TypeError, match="original"):
+        EggrollOptimizer(nn.Sequential(lin), population_size=N)
+
+    class Scaled(nn.Linear):  # a subclass with its own forward and an extra parameter
+        def __init__(self):
+            super().__init__(3, 2)
+            self.scale = nn.Parameter(torch.ones(2))
+
+        def forward(self, x):
+            return super().forward(x) * self.scale
+
+    with pytest.raises(TypeError, match=r"scale|weight"):
+        EggrollOptimizer(Scaled(), population_size=N)
+
+
+def test_tied_weight_is_perturbed_in_every_layer_that_holds_it():
+    torch.manual_seed(0)
+    emb, head = nn.Embedding(10, 6), nn.Linear(6, 10, bias=False)
+    head.weight = emb.weight
+    model = nn.Sequential(emb, head)
+    opt = EggrollOptimizer(model, population_size=N, sigma=0.5)
+    idx = torch.tensor([1, 2, 3])
+    with opt.ask() as population:
+        hidden = emb(idx)
+        logits = head(hidden)
+    assert hidden.shape == (N, 3, 6) and logits.shape == (N, 3, 10)
+    A, B = population.noise.chunk_noise(0, N)[emb.weight]
+    W = emb.weight.detach()
+    for i in range(N):  # both uses see the same W + E_i
+        E = A[i] @ B[i].T
+        torch.testing.assert_close(hidden[i], (W + E)[idx])
+        torch.testing.assert_close(logits[i], hidden[i] @ (W + E).T)
+    opt.tell(logits.sum((1, 2)))
+
+
+def test_frozen_layers_between_evolved_ones_see_per_member_inputs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.GroupNorm(2, 8, affine=False),
+                          nn.Conv2d(8, 4, 3, padding=1).requires_grad_(False), nn.Flatten(), nn.Linear(4 * 5 * 5, 3))
+    opt = EggrollOptimizer(model, population_size=N, sigma=0.5)
+    x = torch.randn(8, 2, 5, 5)  # batch 8 == channels 8: an unhooked GroupNorm would mix them up
+    with opt.ask() as population:
+        out = model(x)
+    noise = population.noise.chunk_noise(0, N)
+    conv, _, frozen, _, lin = model
+    for i in range(N):
+        def value(p):
+            v = noise[p]
+            return p + (v[0][i] @ v[1][i].T).view_as(p) if isinstance(v, tuple) else p + v[i]
+        h = F.conv2d(x, value(conv.weight), value(conv.bias), padding=1)
+        h = F.conv2d(F.group_norm(h, 2), frozen.weight, frozen.bias, padding=1).flatten(1)
+        torch.testing.assert_close(out[i], h @ value(lin.weight).T + value(lin.bias), rtol=1e-4, atol=1e-5)
+    opt.tell(out.sum((1, 2)))
+
+
+def test_embedding_padding_row_is_never_perturbed_or_updated():
+    torch.manual_seed(0)
+    emb = nn.Embedding(5, 4, padding_idx=0)
+    opt = EggrollOptimizer(emb, population_size=N)
+    with opt.ask():
+        out = emb(torch.tensor([0, 1]))
+    assert torch.equal(out[:, 0], torch.zeros(N, 4))  # the padding row, for every member
+    assert out[:, 1].std(0).max() > 0
+    opt.tell(out.sum((1, 2)))
+    assert torch.equal(emb.weight[0], torch.zeros(4))
+
+
+def test_functional_forward_casts_float32_factors_to_the_input_dtype():
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3)
+    for dtype in (torch.float64, torch.bfloat16):
+        params = get_params_dict(model, "cpu", dtype)
+        perts = generate_perturbations(get_weight_shapes(params), N, 2, 0.1, torch.Generator().manual_seed(0))
+        x = torch.randn(5, 6, dtype=dtype)
+        out = perturbed_forward(x, params["weight"], params["bias"], perts, "weight")
+        A, B = perts["weight"]
+        ref = torch.stack([x.double() @ (params["weight"].double() + A[i].double() @ B[i].double().T).T
+                           + params["bias"].double() for i in range(N)])
+        assert out.dtype == dtype
+        assert ((out.double() - ref).norm() / ref.norm()) < (1e-6 if dtype == torch.float64 else 2e-2)
+
+
+def test_a_shaping_callable_that_returns_nan_or_a_wrong_shape_is_caught():
+    model = nn.Linear(3, 2)
+    before = model.weight.detach().clone()
+    nan_for_constant = lambda f: (f - f.mean()) / (f - f.mean()).abs().max()  # noqa: E731  (0 / 0)
+    for shaping, match in [(nan_for_constant, "NaN"), (lambda f: f[:, None], "shape")]:
+        opt = EggrollOptimizer(model, population_size=N, fitness_shaping=shaping)
+        with opt.ask():
+            model(torch.randn(2, 3))
+        with pytest.raises(ValueError, match=match):
+            opt.tell(torch.ones(N))  # constant fitness: 0 / 0 in the first callable
+        assert torch.equal(model.weight, before)

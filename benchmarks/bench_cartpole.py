@@ -18,7 +18,6 @@ dropped, so every step costs the same; ``check_every`` is larger than T, so no h
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn

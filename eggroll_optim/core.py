@@ -11,7 +11,6 @@ Conventions are those of SPEC.md: interleaved antithetic pairs, ``A_scaled`` car
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch

@@ -12,6 +12,7 @@ leading dim equal to the whole population while a smaller chunk is active is an 
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -21,7 +22,10 @@ import torch.nn.functional as F
 
 from .kernels import lowrank_conv_delta, lowrank_embedding_delta, lowrank_linear_add
 
-__all__ = ["Chunk", "IDLE", "Switch", "idle_error", "FOLD_LAYERS", "LOWRANK_LAYERS", "NORM_LAYERS", "SUPPORTED_LAYERS", "check_layer", "install_hooks", "is_lowrank"]
+__all__ = [
+    "Chunk", "FOLD_LAYERS", "IDLE", "LOWRANK_LAYERS", "NORM_LAYERS", "SUPPORTED_LAYERS", "Switch", "check_layer",
+    "find_owners", "idle_error", "install_hooks", "is_lowrank", "stock_layer",
+]
 
 _CONVS = (nn.Conv1d, nn.Conv2d)
 LOWRANK_LAYERS = (nn.Linear, nn.Embedding, *_CONVS)
@@ -216,6 +220,40 @@ def _post_hook(switch, module, args, output):
     if isinstance(module, nn.Embedding):
         return _embedding(chunk, module, x, shared, output)
     return _norm(chunk, module, x, shared)
+
+
+def stock_layer(module: nn.Module) -> bool:
+    """A supported layer (or a subclass) whose ``forward`` is the one the hooks know."""
+    return any(isinstance(module, base) and type(module).forward is base.forward for base in SUPPORTED_LAYERS)
+
+
+def find_owners(module: nn.Module, unsupported: str) -> tuple[dict, dict]:
+    """``{param: (first layer, name)}`` and ``{param: [every layer holding it]}`` (tied weights).
+
+    Only the ``weight``/``bias`` of a supported layer whose ``forward`` is the stock one counts:
+    anything else (weight_norm's ``weight_g``, an extra parameter of a subclass) would be
+    updated without ever being perturbed.
+    """
+    owners, holders, bad = {}, {}, []
+    for path, sub in module.named_modules():
+        for name, p in sub.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            if name in ("weight", "bias") and stock_layer(sub):
+                owners.setdefault(p, (sub, name))
+                holders.setdefault(p, []).append(sub)
+            else:
+                bad.append(f"{path or '<root>'}.{name} ({type(sub).__name__})")
+    if bad and unsupported == "raise":
+        raise TypeError(
+            f"EggrollOptimizer cannot perturb trainable parameters of unsupported layers: {bad}. "
+            "Freeze them (requires_grad_(False)) or pass unsupported='freeze'."
+        )
+    if bad:
+        warnings.warn(f"EggrollOptimizer leaves these parameters untouched: {bad}", stacklevel=3)
+    if not owners:
+        raise ValueError(f"{type(module).__name__} has no trainable parameter that EGGROLL can perturb")
+    return owners, holders
 
 
 def check_layer(module: nn.Module) -> None:

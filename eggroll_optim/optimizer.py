@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 import weakref
 from typing import Callable
 
@@ -11,7 +10,7 @@ import torch.nn as nn
 
 from .core import validate_hyperparameters
 from .fusion import find_mlp_blocks, install_mlp_hooks
-from .hooks import FOLD_LAYERS, SUPPORTED_LAYERS, Switch, check_layer, install_hooks, is_lowrank
+from .hooks import FOLD_LAYERS, Switch, check_layer, find_owners, install_hooks, is_lowrank, stock_layer
 from .population import Population, PopulationNoise
 from .shaping import SHAPINGS, check_fitness, resolve_shaping
 
@@ -104,7 +103,7 @@ class EggrollOptimizer(torch.optim.Optimizer):
         self.noise_block = noise_block or min(population_size // 2, MAX_BLOCK_PAIRS)
         self.nan_policy = nan_policy
         self.shaping = resolve_shaping(fitness_shaping)
-        self._owners, self._holders = self._find_owners(module, unsupported)
+        self._owners, self._holders = find_owners(module, unsupported)
         self._param_index = {p: i for i, p in enumerate(module.parameters())}
         if params is None:
             params = [p for p, (m, name) in self._owners.items() if evolve_biases or is_lowrank(m, name)]
@@ -117,35 +116,6 @@ class EggrollOptimizer(torch.optim.Optimizer):
         self._install()
 
     # ----- construction -------------------------------------------------------------------
-    @staticmethod
-    def _find_owners(module: nn.Module, unsupported: str) -> tuple[dict, dict]:
-        """``{param: (first layer, name)}`` and ``{param: [every layer holding it]}`` (tied weights).
-
-        Only the ``weight``/``bias`` of a supported layer whose ``forward`` is the stock one counts:
-        anything else (weight_norm's ``weight_g``, an extra parameter of a subclass) would be
-        updated without ever being perturbed.
-        """
-        owners, holders, bad = {}, {}, []
-        for path, sub in module.named_modules():
-            for name, p in sub.named_parameters(recurse=False):
-                if not p.requires_grad:
-                    continue
-                if name in ("weight", "bias") and _stock_layer(sub):
-                    owners.setdefault(p, (sub, name))
-                    holders.setdefault(p, []).append(sub)
-                else:
-                    bad.append(f"{path or '<root>'}.{name} ({type(sub).__name__})")
-        if bad and unsupported == "raise":
-            raise TypeError(
-                f"EggrollOptimizer cannot perturb trainable parameters of unsupported layers: {bad}. "
-                "Freeze them (requires_grad_(False)) or pass unsupported='freeze'."
-            )
-        if bad:
-            warnings.warn(f"EggrollOptimizer leaves these parameters untouched: {bad}", stacklevel=3)
-        if not owners:
-            raise ValueError(f"{type(module).__name__} has no trainable parameter that EGGROLL can perturb")
-        return owners, holders
-
     def add_param_group(self, param_group: dict) -> None:
         params = param_group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)  # generators: read once
@@ -178,7 +148,7 @@ class EggrollOptimizer(torch.optim.Optimizer):
     def _install(self) -> None:
         self.remove_hooks()
         # every stock layer, evolved or not: a frozen conv or norm still sees per-member inputs
-        modules = [m for m in self.module.modules() if _stock_layer(m) or isinstance(m, FOLD_LAYERS)]
+        modules = [m for m in self.module.modules() if stock_layer(m) or isinstance(m, FOLD_LAYERS)]
         evolved = {p for g in self.param_groups for p in g["params"]}
         for layer in {m for p in evolved for m in self._holders[p]}:
             check_layer(layer)  # options the perturbation cannot honour (padding_mode, max_norm)
@@ -319,11 +289,6 @@ class EggrollOptimizer(torch.optim.Optimizer):
     @property
     def step_count(self) -> int:
         return self._step_count
-
-
-def _stock_layer(module: nn.Module) -> bool:
-    """A supported layer (or a subclass) whose ``forward`` is the one the hooks know."""
-    return any(isinstance(module, base) and type(module).forward is base.forward for base in SUPPORTED_LAYERS)
 
 
 def _remove(handles) -> None:

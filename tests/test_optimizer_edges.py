@@ -119,3 +119,37 @@ def test_a_shaping_callable_that_returns_nan_or_a_wrong_shape_is_caught():
         with pytest.raises(ValueError, match=match):
             opt.tell(torch.ones(N))  # constant fitness: 0 / 0 in the first callable
         assert torch.equal(model.weight, before)
+
+
+def test_exception_inside_ask_discards_the_population():
+    model = nn.Linear(3, 2)
+    opt = EggrollOptimizer(model, population_size=4)
+    with pytest.raises(KeyError):
+        with opt.ask():
+            raise KeyError("evaluation failed")
+    with pytest.raises(RuntimeError, match="before ask"):
+        opt.tell(torch.zeros(4))
+    with opt.ask():  # a fresh population: no "ask() called twice"
+        out = model(torch.randn(5, 3))
+    opt.tell(out.sum((1, 2)))
+    assert opt.step_count == 1
+
+
+def test_bad_nan_policy_is_rejected_at_construction():
+    with pytest.raises(ValueError, match="nan_policy.*'ignore'"):
+        EggrollOptimizer(nn.Linear(2, 2), population_size=4, nan_policy="ignore")
+
+
+def test_discard_drops_the_population_without_changing_anything():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = EggrollOptimizer(model, population_size=4)
+    with opt.ask():
+        model(torch.randn(5, 3))
+    opt.discard()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())) and opt.step_count == 0
+    with opt.ask():
+        out = model(torch.randn(5, 3))
+    opt.tell(out.sum((1, 2)))
+    assert opt.step_count == 1

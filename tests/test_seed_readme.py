@@ -7,7 +7,6 @@ README that drifts fails here instead of silently running at full size.
 """
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 

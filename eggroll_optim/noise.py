@@ -97,11 +97,14 @@ def keyed_pair_normals(
     device: torch.device | str,
     dtype: torch.dtype = torch.float32,
     block_pairs: int = DEFAULT_BLOCK_PAIRS,
+    cache: dict | None = None,
 ) -> list[torch.Tensor]:
     """N(0, 1) tensors ``(P, *shape)`` for pairs ``[pair_start, pair_stop)``, one per shape.
 
     Block ``j`` of ``block_pairs`` pairs draws every shape in order from one generator seeded
     with ``noise_key(key, j)``; the requested pairs are sliced out of the covering blocks.
+    ``cache`` (a dict the caller keeps) holds the last block drawn for each key, so consecutive
+    small slices of one block (population chunks) draw it once instead of once per slice.
     """
     if not 0 <= pair_start < pair_stop:
         raise ValueError(f"Invalid pair range [{pair_start}, {pair_stop})")
@@ -111,8 +114,14 @@ def keyed_pair_normals(
     first, last = pair_start // block_pairs, (pair_stop - 1) // block_pairs
     blocks = []
     for block in range(first, last + 1):
+        cached = cache.get(key) if cache is not None else None
+        if cached is not None and cached[0] == block:
+            blocks.append(cached[1])
+            continue
         gen = torch.Generator(device=device).manual_seed(noise_key(key, block))
         blocks.append([torch.randn(block_pairs, *shape, generator=gen, dtype=dtype, device=device) for shape in shapes])
+        if cache is not None:
+            cache[key] = (block, blocks[-1])  # only the latest block per key: memory of one block
     lo = pair_start - first * block_pairs
     hi = lo + (pair_stop - pair_start)
     return [(parts[0] if len(parts) == 1 else torch.cat(parts))[lo:hi] for parts in zip(*blocks)]

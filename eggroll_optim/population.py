@@ -24,19 +24,24 @@ class PopulationNoise:
 
     def __init__(self, entries: list, block_pairs: int):
         self.entries, self.block_pairs = entries, block_pairs
+        self._blocks: dict = {}  # the latest drawn block per parameter, shared by consecutive chunks
 
     @property
     def params(self) -> list:
         return [entry[0] for entry in self.entries]
 
-    def chunk_noise(self, start: int, stop: int) -> dict:
-        """``{param: (A_scaled (n, m, r), B (n, k, r))}`` or ``{param: noise (n, *shape)}``."""
+    def chunk_noise(self, start: int, stop: int, reuse_blocks: bool = False) -> dict:
+        """``{param: (A_scaled (n, m, r), B (n, k, r))}`` or ``{param: noise (n, *shape)}``.
+
+        ``reuse_blocks``: keep the latest drawn block per parameter, for chunks that share one.
+        """
         noise = {}
         for p, key, sigma, rank, lowrank, zero_row in self.entries:
             shapes = [(p.shape[0], rank), (p[0].numel(), rank)] if lowrank else [tuple(p.shape)]
             draws = keyed_pair_normals(
                 noise_key(*key), shapes, start // 2, stop // 2,
                 device=p.device, dtype=noise_dtype(p.dtype), block_pairs=self.block_pairs,
+                cache=self._blocks if reuse_blocks else None,
             )
             if lowrank:
                 A_scaled, _, B = antithetic(draws[0], draws[1], sigma, rank)
@@ -78,7 +83,7 @@ class Population:
     def _noise_for(self, start: int, stop: int) -> dict:
         if self._cache is not None and self._cache[:2] == (start, stop):
             return self._cache[2]
-        noise = self.noise.chunk_noise(start, stop)
+        noise = self.noise.chunk_noise(start, stop, reuse_blocks=self.chunked)
         self._cache = (start, stop, noise)
         return noise
 

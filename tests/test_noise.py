@@ -151,3 +151,15 @@ def test_noise_key_is_splitmix64_and_deterministic():
 def test_noise_dtype():
     assert noise_dtype(torch.bfloat16) == torch.float32 and noise_dtype(torch.float16) == torch.float32
     assert noise_dtype(torch.float64) == torch.float64 and noise_dtype(torch.float32) == torch.float32
+
+
+def test_block_cache_serves_consecutive_slices_with_the_same_numbers():
+    from eggroll_optim.noise import keyed_pair_normals
+
+    shapes, cache, draws = [(3, 2), (5, 2)], {}, []
+    for start in range(0, 12, 2):  # six 2-pair slices of two 8-pair blocks
+        cached = keyed_pair_normals(7, shapes, start, start + 2, device="cpu", block_pairs=8, cache=cache)
+        fresh = keyed_pair_normals(7, shapes, start, start + 2, device="cpu", block_pairs=8)
+        assert all(torch.equal(a, b) for a, b in zip(cached, fresh))
+        draws.append(cache[7][0])
+    assert draws == [0, 0, 0, 0, 1, 1] and len(cache) == 1  # one block held per key, reused while it lasts

@@ -5,8 +5,9 @@ member-samples/s to the samples/s of plain inference of the unperturbed MLP (a (
 timed in this process; ``--inference-rows``, default 4096 * 256). The floor is the minimum work of
 the step at the measured TF32 peak (see bench_mnist_step.es_flops; the shared base product is paid
 once per chunk). The optimizer evolves biases too (full-rank noise) and regenerates each chunk's
-noise in ``tell`` (the noise is keyed, never stored), so with several chunks every chunk's noise
-is drawn twice per step.
+noise in ``tell`` (the noise is keyed, never stored). The measured step and its timing are
+``eggroll_optim.recipes.hyperscale.measure`` (what ``--experiment hyperscale`` runs): CUDA events
+around ``max_epochs`` steps after one warm-up step, peak memory over those steps.
 """
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ import torch
 
 import common
 from bench_mnist_step import IN, OUT, Inference, Optim, es_flops, inference_work, make_mlp
+
+from eggroll_optim.recipes import hyperscale
+from eggroll_optim.recipes.hyperscale import HyperscaleConfig
 
 
 def check_chunked(args, log):
@@ -39,18 +43,6 @@ def check_chunked(args, log):
         chunked.opt.tell(fitness)
     for k, v in chunked.weights().items():
         common.check(f"chunked_vs_unchunked.{k}", v - before[k], after[k] - before[k], common.TOL["tf32"], log)
-
-
-def noise_pass(opt, N, chunk, dev, budget):
-    """Time to regenerate every chunk's keyed noise once (tell does this; a chunked ask does it again).
-    Uses the optimizer's private ``_noise()``; None if that changed."""
-    try:
-        noise = opt._noise()
-        ranges = [(a, min(a + chunk, N)) for a in range(0, N, chunk)]
-        return common.bench(lambda: [noise.chunk_noise(a, b) for a, b in ranges], dev, budget_s=budget / 2,
-                            warmup=1, min_reps=3)["median_ms"]
-    except Exception:  # noqa: BLE001 - a diagnostic only
-        return None
 
 
 def main(argv=None):
@@ -88,31 +80,28 @@ def main(argv=None):
         return rows_ / (t["median_ms"] * 1e-3), t["median_ms"]
 
     inf_rate, inf_ms = inference_rate()
+    # The step and its timing are the recipe's (`--experiment hyperscale`): one definition of the sweep;
+    # this script adds the same-process inference baseline, the floor and the correctness checks.
+    cfg = HyperscaleConfig(seed=args.seed, device=str(dev), rank=r, sigma=0.15, lr=0.1, batch_size=B,
+                           chunk_size=args.chunk_size, max_epochs=2 if args.quick else 5)
     rows = []
     for k in range(args.log2_min, args.log2_max + 1):
         N = 2**k
         chunk = min(N, args.chunk_size)
         common.free(dev)
-        try:
-            v = Optim(model, N, r, 0.15, 0.1, dev, args.seed, chunk_size=chunk)
-            fn = torch.no_grad()(v.step)
-            mem = common.peak_memory(lambda: fn(*sets[0]), dev)
-            t = common.bench(fn, dev, sets, warmup=1, budget_s=budget, min_reps=3)
-            t_noise = noise_pass(v.opt, N, chunk, dev, budget)
-        except torch.cuda.OutOfMemoryError as err:  # record and go on with the next size
-            rows.append({"log2_N": k, "N": N, "chunk": chunk, "error": f"OOM: {str(err)[:120]}"})
-            del err
+        row = hyperscale.measure(cfg, "mnist_mlp", N, torch.device(dev))
+        if "error" in row:  # out of memory: record and go on with the next size
+            rows.append({"log2_N": k, "N": N, "chunk": chunk, "error": row["error"]})
             continue
-        finally:
-            v = fn = None
-        ms = t["median_ms"]
+        ms = row["step_s"] * 1e3
         chunks = -(-N // chunk)
         flops = es_flops(N, B, r) + (chunks - 1) * 2 * B * IN * 256
         fl = common.floor(flops, 0, ceil, "tf32")
         rate = N * B / (ms * 1e-3)
+        peak = row.get("peak_cuda_mib")
         rows.append({"log2_N": k, "N": N, "chunk": chunk, "step_ms": ms, "member_samples_per_s": rate,
-                     "ratio_vs_inference": rate / inf_rate, "peak_gb": mem["peak_gb"], "floor_ms": fl["floor_ms"],
-                     "time_over_floor": ms / fl["floor_ms"], "noise_pass_ms": t_noise, "reps": t["reps"]})
+                     "ratio_vs_inference": rate / inf_rate, "peak_gb": peak * 2**20 / 1e9 if peak else None,
+                     "floor_ms": fl["floor_ms"], "time_over_floor": ms / fl["floor_ms"], "steps": cfg.max_epochs})
         print(f"# N=2^{k}: {ms:.3f} ms/step, {rate:.3e} member-samples/s", flush=True)
     inf_rate2, inf_ms2 = inference_rate()
     payload = {
@@ -128,7 +117,7 @@ def main(argv=None):
     print(f"# inference {args.inference_rows} rows: {inf_ms:.3f} / {inf_ms2:.3f} ms (first / last), "
           f"{inf_rate:.3e} samples/s")
     cols = ["N", "chunk", "step_ms", "member_samples_per_s", "ratio_vs_inference", "peak_gb", "floor_ms",
-            "time_over_floor", "noise_pass_ms", "error"]
+            "time_over_floor", "error"]
     print(common.table(rows, cols, f"EggrollOptimizer MNIST-MLP step vs population (batch {B}, rank {r})"))
     common.finish(failures)
     return payload

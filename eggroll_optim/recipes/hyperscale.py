@@ -11,6 +11,8 @@ On CUDA the timed steps are bracketed by CUDA events and synchronised once per s
 is ``torch.cuda.max_memory_allocated`` over the timed steps. On CPU the time is wall time and
 memory is the process's peak RSS so far (a high-water mark: it never goes down between sizes).
 Results go to ``summary.json`` (rows, config, device, versions) and ``hyperscale.md`` in ``--out``.
+``benchmarks/bench_population.py`` (benchmark 4) times this same ``measure`` and adds the
+same-process inference baseline, the floor and correctness checks.
 """
 from __future__ import annotations
 

@@ -4,30 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
 
 from eggroll_optim import EggrollOptimizer, per_member_mse
 
-N = 6
-
-
-def _mlp(seed=0, dtype=torch.float64):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
-
-
-def _data(dtype=torch.float64):
-    g = torch.Generator().manual_seed(123)
-    return torch.randn(7, 5, generator=g, dtype=dtype), torch.randn(7, 3, generator=g, dtype=dtype)
-
-
-def _params(model):
-    return [p.detach().clone() for p in model.parameters()]
-
-
-def _assert_same_params(a, b, atol=1e-12):
-    for p, q in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(p, q, rtol=0, atol=atol)
+from optim_helpers import N
+from optim_helpers import assert_same_params as _assert_same_params
+from optim_helpers import data as _data
+from optim_helpers import mlp as _mlp
+from optim_helpers import params as _params
 
 
 @pytest.mark.parametrize("kwargs, message", [

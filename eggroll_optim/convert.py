@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .kernels import perturbed_conv, perturbed_linear, split_shared
-from .kernels.fast import fused_mlp_available, perturbed_mlp
+from .kernels.fast import fused_mlp_available, mlp_block_activation, perturbed_mlp
 
 __all__ = ["make_perturbed_forward_fn"]
 
@@ -113,18 +113,13 @@ class _PopulationInterpreter(fx.Interpreter):
         return super().call_method(target, args, kwargs)
 
 
-_MLP_ACTIVATIONS = {nn.Tanh: "tanh", nn.ReLU: "relu"}
-
-
 def _mlp_pattern(module: nn.Module):
     """``(name1, activation, name2)`` for ``nn.Sequential(Linear, Tanh|ReLU, Linear)``, else None."""
-    if not isinstance(module, nn.Sequential) or len(module) != 3:
+    activation = mlp_block_activation(module)
+    if activation is None:
         return None
-    first, act, second = module
-    if type(first) is nn.Linear and type(second) is nn.Linear and type(act) in _MLP_ACTIVATIONS:
-        names = list(module._modules)
-        return names[0], _MLP_ACTIVATIONS[type(act)], names[2]
-    return None
+    names = list(module._modules)
+    return names[0], activation, names[2]
 
 
 def _fused_mlp(pattern, x, params, perts):

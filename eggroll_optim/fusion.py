@@ -13,25 +13,16 @@ from functools import partial
 import torch.nn as nn
 
 from .hooks import IDLE, idle_error
-from .kernels.fast import fused_mlp_available, perturbed_mlp
+from .kernels.fast import fused_mlp_available, mlp_block_activation, perturbed_mlp
 
 __all__ = ["find_mlp_blocks", "install_mlp_hooks"]
 
-_ACTIVATIONS = {nn.Tanh: "tanh", nn.ReLU: "relu"}
-
-
 def find_mlp_blocks(module: nn.Module, evolved: set) -> list[nn.Sequential]:
-    """Every ``nn.Sequential`` of exactly ``Linear, Tanh|ReLU, Linear`` whose weights are evolved."""
-    blocks = []
-    for sub in module.modules():
-        if isinstance(sub, nn.Sequential) and len(sub) == 3:
-            first, act, second = sub
-            if (
-                type(first) is nn.Linear and type(second) is nn.Linear and type(act) in _ACTIVATIONS
-                and first.weight in evolved and second.weight in evolved
-            ):
-                blocks.append(sub)
-    return blocks
+    """Every ``nn.Sequential(Linear, Tanh|ReLU, Linear)`` in ``module`` whose two weights are evolved."""
+    return [
+        sub for sub in module.modules()
+        if mlp_block_activation(sub) is not None and sub[0].weight in evolved and sub[2].weight in evolved
+    ]
 
 
 def _layer(chunk, linear: nn.Linear):
@@ -46,7 +37,7 @@ def _pre_hook(switch, block, args):
         return None
     if chunk is IDLE:
         raise idle_error()
-    first, act, second = block
+    first, _, second = block
     x = args[0]
     shared = chunk.shared(x, 1)
     if shared and x.dim() > 1 and x.shape[0] == chunk.size and x.stride(0) == 0:
@@ -64,13 +55,13 @@ def _post_hook(switch, block, args, output):
     chunk = switch.chunk
     if chunk is None or chunk is IDLE or block not in chunk.pending:
         return None
-    first, act, second = block
+    first, _, second = block
     x2, shared, lead = chunk.pending.pop(block)
     chunk.bypass.difference_update((first, second))
     chunk.fired.update((first, second))
     layer1, noise1 = _layer(chunk, first)
     layer2, noise2 = _layer(chunk, second)
-    out = perturbed_mlp(x2, layer1, layer2, _ACTIVATIONS[type(act)], shared, (noise1, noise2))
+    out = perturbed_mlp(x2, layer1, layer2, mlp_block_activation(block), shared, (noise1, noise2))
     return out.view(chunk.size, *lead, out.shape[-1])
 
 

@@ -160,6 +160,8 @@ class EggrollOptimizer(torch.optim.Optimizer):
         """Remove every hook; the module is left exactly as it was before construction."""
         _remove(getattr(self, "_handles", []))
         self._handles = []
+        if getattr(self, "_finalizer", None) is not None:
+            self._finalizer.detach()  # nothing left for garbage collection to remove
 
     # ----- ask / tell ---------------------------------------------------------------------
     def ask(self) -> Population:

@@ -18,6 +18,13 @@ def _check_features(name: str, x: torch.Tensor, in_dim: int) -> None:
         raise ValueError(f"{name}: input must end in in_features={in_dim}, got shape {tuple(x.shape)}")
 
 
+def _rows(x: torch.Tensor, N: int, shared: bool) -> tuple[torch.Tensor, torch.Size]:
+    """Flatten the batch dims: shared ``(*batch, in) -> (M, in)``, per member ``-> (N, M, in)``."""
+    if shared:
+        return x.reshape(-1, x.shape[-1]), x.shape[:-1]
+    return x.reshape(N, -1, x.shape[-1]), x.shape[1:-1]
+
+
 def _project(x: torch.Tensor, B: torch.Tensor, shared: bool) -> torch.Tensor:
     """``x_i B_i``: shared ``x (M, in)`` or per-member ``(N, M, in)`` -> ``(N, M, r)``."""
     N, in_dim, r = B.shape
@@ -50,8 +57,7 @@ def lowrank_linear_add(
         ``(N, *batch, out)``.
     """
     N, out_dim, _ = A_scaled.shape
-    batch = x.shape[:-1] if shared else x.shape[1:-1]
-    x3 = x.reshape(-1, x.shape[-1]) if shared else x.reshape(N, -1, x.shape[-1])
+    x3, batch = _rows(x, N, shared)
     xB = _project(x3, B, shared)  # (N, M, r)
     At = A_scaled.transpose(1, 2)  # (N, r, out)
     if bias_noise is not None:
@@ -79,8 +85,7 @@ def lowrank_linear_delta(
     _check_features("lowrank_linear_delta", x, B.shape[1])
     x, shared = split_shared(x, N, 1, shared)
     A_scaled, B = A_scaled.to(x.dtype), B.to(x.dtype)
-    batch = x.shape[:-1] if shared else x.shape[1:-1]
-    x3 = x.reshape(-1, x.shape[-1]) if shared else x.reshape(N, -1, x.shape[-1])
+    x3, batch = _rows(x, N, shared)
     delta = torch.bmm(_project(x3, B, shared), A_scaled.transpose(1, 2))  # (N, M, out)
     return delta.view(N, *batch, out_dim)
 
@@ -114,8 +119,8 @@ def perturbed_linear(
     if shared:  # x Wᵀ + b once, broadcast under the low-rank term
         return lowrank_linear_add(F.linear(x, weight, bias), x, B, A_scaled, shared)
     # per member: the low-rank term (+ b) first, then the big GEMM accumulates onto it (beta = 1)
-    batch, in_dim = x.shape[1:-1], x.shape[-1]
-    x3 = x.reshape(N, -1, in_dim)
+    x3, batch = _rows(x, N, False)
+    in_dim = x3.shape[-1]
     M = x3.shape[1]
     xB, At = _project(x3, B, False), A_scaled.transpose(1, 2)  # (N, M, r), (N, r, out)
     if M == 1:

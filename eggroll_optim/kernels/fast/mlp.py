@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from ..linear import perturbed_linear
@@ -22,11 +23,22 @@ try:  # Triton is optional: CPU installs and old GPUs use the reference path
 except ImportError:  # pragma: no cover - exercised where triton is absent
     triton = None
 
-__all__ = ["ACTIVATIONS", "fused_mlp_available", "perturbed_mlp", "perturbed_mlp_reference"]
+__all__ = ["ACTIVATIONS", "fused_mlp_available", "mlp_block_activation", "perturbed_mlp", "perturbed_mlp_reference"]
 
 # in place: the reference applies them to a tensor it has just created (no fresh allocation)
 ACTIVATIONS = {"tanh": torch.tanh_, "relu": torch.relu_, "identity": lambda h: h}
 _ACT_CODE = {"identity": 0, "tanh": 1, "relu": 2}
+_BLOCK_ACTIVATIONS = {nn.Tanh: "tanh", nn.ReLU: "relu"}
+
+
+def mlp_block_activation(module: nn.Module) -> str | None:
+    """``"tanh"``/``"relu"`` when ``module`` is exactly ``nn.Sequential(Linear, Tanh|ReLU, Linear)``."""
+    if not isinstance(module, nn.Sequential) or len(module) != 3:
+        return None
+    first, act, second = module
+    if type(first) is nn.Linear and type(second) is nn.Linear:
+        return _BLOCK_ACTIVATIONS.get(type(act))
+    return None
 
 
 def _with_noise(out: torch.Tensor, bias_noise) -> torch.Tensor:

@@ -116,3 +116,17 @@ def test_make_perturbed_forward_fn_uses_the_fused_path_on_cuda():
     ])
     out = forward(x.expand(32, 64, 784), params, perts)
     assert ((out.double() - expected).norm() / expected.norm()).item() < 2e-3
+
+
+@pytest.mark.cuda
+def test_shared_kernel_with_tf32_and_fast_tanh_on_cuda():
+    """Under TF32 the shared-input kernel uses tanh.approx (max rel. error ~2^-11): still TF32-accurate."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        for case in CASES + [(256, 784, 256, 10, 64, 4, "tanh"), (100, 784, 256, 10, 1000, 4, "tanh")]:
+            *shape, act = case
+            x, l1, l2 = _inputs(*shape, seed=9, device="cuda")
+            assert _relative_error(x, l1, l2, act) < 5e-3, case
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous

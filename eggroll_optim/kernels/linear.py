@@ -122,12 +122,17 @@ def perturbed_linear(
     x3, batch = _rows(x, N, False)
     in_dim = x3.shape[-1]
     M = x3.shape[1]
-    xB, At = _project(x3, B, False), A_scaled.transpose(1, 2)  # (N, M, r), (N, r, out)
+    At = A_scaled.transpose(1, 2)  # (N, r, out)
     if M == 1:
-        delta = (xB.transpose(1, 2) * At).sum(1, keepdim=True)  # (N, 1, out)
-        delta = delta if bias is None else delta + bias
+        from .fast.rows import fused_rows_available, rows_lowrank_delta  # here: fast.mlp imports this module
+
+        if fused_rows_available(x3):  # one Triton pass over x, A, B writes the term (+ b)
+            delta = rows_lowrank_delta(x3.reshape(N, in_dim), A_scaled, B, bias)
+        else:
+            delta = (_project(x3, B, False).transpose(1, 2) * At).sum(1, keepdim=True)  # (N, 1, out)
+            delta = delta if bias is None else delta + bias
     else:
         init = bias.expand(N, M, out_dim) if bias is not None else x3.new_zeros(()).expand(N, M, out_dim)
-        delta = torch.baddbmm(init, xB, At)  # (N, M, out)
+        delta = torch.baddbmm(init, _project(x3, B, False), At)  # (N, M, out)
     out = torch.addmm(delta.reshape(N * M, out_dim), x3.reshape(N * M, in_dim), weight.t())
     return out.view(N, *batch, out_dim)

@@ -58,6 +58,18 @@ def perturbed_mlp_reference(x, layer1, layer2, activation="tanh", shared=True, b
 if triton is not None:
 
     @triton.jit
+    def _activate(h, ACT: tl.constexpr, FAST_TANH: tl.constexpr):
+        if ACT == 1:
+            if FAST_TANH:  # one MUFU op, max rel. error ~2^-11: only under TF32 (same precision)
+                h = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [h], dtype=tl.float32,
+                                              is_pure=True, pack=1)
+            else:
+                h = 1.0 - 2.0 / (tl.exp(2.0 * h) + 1.0)
+        elif ACT == 2:
+            h = tl.maximum(h, 0.0)
+        return h
+
+    @triton.jit
     def _mlp_kernel(
         base_ptr, xb_ptr, a1_ptr, bn1_ptr, w2_ptr, b2_ptr, bb2_ptr, a2_ptr, bn2_ptr, out_ptr,
         M, H, O, R,
@@ -81,11 +93,7 @@ if triton is not None:
         a1t = tl.load(a1_ptr + n * stride_a1_n + hid[None, :] * R + rk[:, None],
                       mask=r_ok[:, None] & hid_ok[None, :], other=0.0)  # (BR, BH)
         h += tl.dot(xb, a1t, input_precision=PREC)
-        if ACT == 1:
-            h = 1.0 - 2.0 / (tl.exp(2.0 * h) + 1.0)
-        elif ACT == 2:
-            h = tl.maximum(h, 0.0)
-        h = tl.where(hid_ok[None, :], h, 0.0)
+        h = tl.where(hid_ok[None, :], _activate(h, ACT, False), 0.0)
         # layer 2: y = h W2ᵀ + b2 + (h B2_n) A2_nᵀ           (BM, BO)
         w2t = tl.load(w2_ptr + outs[None, :] * H + hid[:, None], mask=hid_ok[:, None] & out_ok[None, :], other=0.0)
         y = tl.dot(h, w2t, input_precision=PREC)
@@ -101,6 +109,45 @@ if triton is not None:
         tl.store(out_ptr + n * stride_out_n + rows[:, None] * O + outs[None, :], y,
                  mask=row_ok[:, None] & out_ok[None, :])
 
+
+    @triton.jit
+    def _mlp_shared_kernel(
+        base_ptr, xb_ptr, a1_ptr, bn1_ptr, w2_ptr, b2_ptr, bb2_ptr, a2_ptr, bn2_ptr, out_ptr,
+        N, M, H, O, R,
+        stride_xb_n, stride_xb_m, stride_a1_n, stride_a2_n, stride_bb2_n, stride_out_n,
+        ACT: tl.constexpr, HAS_BN1: tl.constexpr, HAS_BN2: tl.constexpr, PREC: tl.constexpr,
+        FAST_TANH: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, BO: tl.constexpr, BR: tl.constexpr,
+        MEMBERS: tl.constexpr,
+    ):
+        """Shared input: a program keeps ``BM`` rows of ``x W1ᵀ + b1`` and ``W2ᵀ`` on chip and runs
+        ``MEMBERS`` members through them, so the shared base is read once per program, not per member."""
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        hid, outs, rk = tl.arange(0, BH), tl.arange(0, BO), tl.arange(0, BR)
+        row_ok, hid_ok, out_ok, r_ok = rows < M, hid < H, outs < O, rk < R
+        base = tl.load(base_ptr + rows[:, None] * H + hid[None, :], mask=row_ok[:, None] & hid_ok[None, :], other=0.0)
+        w2t = tl.load(w2_ptr + outs[None, :] * H + hid[:, None], mask=hid_ok[:, None] & out_ok[None, :], other=0.0)
+        b2 = tl.load(b2_ptr + outs, mask=out_ok, other=0.0)
+        n_lo = tl.program_id(1) * MEMBERS
+        for n in range(n_lo, tl.minimum(n_lo + MEMBERS, N)):
+            xb = tl.load(xb_ptr + n * stride_xb_n + rows[:, None] * stride_xb_m + rk[None, :],
+                         mask=row_ok[:, None] & r_ok[None, :], other=0.0)  # (BM, BR)
+            a1t = tl.load(a1_ptr + n * stride_a1_n + hid[None, :] * R + rk[:, None],
+                          mask=r_ok[:, None] & hid_ok[None, :], other=0.0)  # (BR, BH)
+            h = tl.dot(xb, a1t, acc=base, input_precision=PREC)
+            if HAS_BN1:
+                h += tl.load(bn1_ptr + n * H + hid, mask=hid_ok, other=0.0)[None, :]
+            h = tl.where(hid_ok[None, :], _activate(h, ACT, FAST_TANH), 0.0)
+            b2n = tl.load(bb2_ptr + n * stride_bb2_n + hid[:, None] * R + rk[None, :],
+                          mask=hid_ok[:, None] & r_ok[None, :], other=0.0)  # (BH, BR)
+            hb = tl.dot(h, b2n, input_precision=PREC)
+            a2t = tl.load(a2_ptr + n * stride_a2_n + outs[None, :] * R + rk[:, None],
+                          mask=r_ok[:, None] & out_ok[None, :], other=0.0)  # (BR, BO)
+            y = tl.dot(h, w2t, input_precision=PREC) + b2[None, :]
+            y = tl.dot(hb, a2t, acc=y, input_precision=PREC)
+            if HAS_BN2:
+                y += tl.load(bn2_ptr + n * O + outs, mask=out_ok, other=0.0)[None, :]
+            tl.store(out_ptr + n * stride_out_n + rows[:, None] * O + outs[None, :], y,
+                     mask=row_ok[:, None] & out_ok[None, :])
 
     @triton.jit
     def _mlp_rows_kernel(
@@ -145,6 +192,15 @@ if triton is not None:
             y += tl.load(bn2_ptr + mem[:, None] * O + outs[None, :], mask=m_ok[:, None] & o_ok[None, :], other=0.0)
         tl.store(out_ptr + mem[:, None] * O + outs[None, :], y, mask=m_ok[:, None] & o_ok[None, :])
 
+
+    # rows per program, members per program and warps chosen per shape on the GPU
+    _mlp_shared_kernel_tuned = triton.autotune(
+        configs=[
+            triton.Config({"BM": bm, "MEMBERS": mem}, num_warps=w, num_stages=st)
+            for bm, w in ((32, 4), (64, 4), (64, 8), (128, 8)) for mem in (16, 64) for st in (1, 2)
+        ],
+        key=["N", "M", "H", "O", "R"],
+    )(_mlp_shared_kernel)
 
     # tile height and warps chosen per shape on the GPU (the interpreter runs one fixed config)
     _mlp_kernel_tuned = triton.autotune(
@@ -194,17 +250,22 @@ def _fused(x, layer1, layer2, activation, shared, bias_noise):
     A1, A2, B2, W2 = A1.contiguous(), A2.contiguous(), B2.contiguous(), W2.contiguous()
     out = torch.empty(N, M, O, device=x.device, dtype=x.dtype)
     BH, BO, BR = _pow2(H), _pow2(O), _pow2(R)
+    tf32 = torch.backends.cuda.matmul.allow_tf32  # as torch's own matmuls
+    interpreted = _interpreted()
+    pointers = (base, xb, A1, bn1 if bn1 is not None else A1, W2, b2, B2, A2, bn2 if bn2 is not None else A2, out)
+    flags = dict(ACT=_ACT_CODE[activation], HAS_BN1=bn1 is not None, HAS_BN2=bn2 is not None,
+                 PREC="tf32" if tf32 else "ieee", BH=BH, BO=BO, BR=BR)
+    strides = (xb.stride(0), xb.stride(1), A1.stride(0), A2.stride(0), B2.stride(0), out.stride(0))
+    if shared:  # the base tile stays on chip while members stream through it
+        grid = lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(N, meta["MEMBERS"]))  # noqa: E731
+        fixed = dict(BM=32, MEMBERS=4, num_warps=4) if interpreted else {}
+        (_mlp_shared_kernel if fixed else _mlp_shared_kernel_tuned)[grid](
+            *pointers, N, M, H, O, R, *strides, FAST_TANH=tf32 and not interpreted, **flags, **fixed)
+        return out
     grid = lambda meta: (N, triton.cdiv(M, meta["BM"]))  # noqa: E731
-    fixed = dict(BM=32, num_warps=4) if _interpreted() else {}
+    fixed = dict(BM=32, num_warps=4) if interpreted else {}
     (_mlp_kernel if fixed else _mlp_kernel_tuned)[grid](
-        base, xb, A1, bn1 if bn1 is not None else A1, W2, b2, B2, A2, bn2 if bn2 is not None else A2, out,
-        M, H, O, R,
-        0 if shared else base.stride(0), xb.stride(0), xb.stride(1), A1.stride(0), A2.stride(0), B2.stride(0),
-        out.stride(0),
-        ACT=_ACT_CODE[activation], HAS_BN1=bn1 is not None, HAS_BN2=bn2 is not None,
-        PREC="tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee",  # as torch's own matmuls
-        BH=BH, BO=BO, BR=BR, **fixed,
-    )
+        *pointers, M, H, O, R, base.stride(0), *strides, **flags, **fixed)
     return out
 
 

@@ -1,0 +1,126 @@
+"""One input row per member: the rows kernels (stored and counter noise) against float64 dense references.
+
+On CPU the Triton kernels run under the interpreter in a subprocess (the interpreter is chosen when
+triton is imported); on CUDA they run compiled (marked ``cuda``).
+"""
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from eggroll_optim.kernels.fast.rows import (counter_normals, counter_pair_factors, pair_stride,
+                                             perturbed_linear_counter, rows_lowrank_delta)
+
+CASES = [(6, 37, 19, 1), (4, 64, 40, 4), (8, 33, 70, 2), (2, 5, 3, 3), (10, 300, 129, 16)]
+
+
+def dense_counter(x, W, b, seed, sigma, rank):
+    """float64: materialise W + s_i sigma/sqrt(r) A_p B_pᵀ per member from the twin's factors."""
+    N = x.shape[0]
+    A, B = counter_pair_factors(seed, 0, N // 2, W.shape[0], W.shape[1], rank)
+    A, B, x, W = A.double(), B.double(), x.double().cpu(), W.double().cpu()
+    rows = []
+    for i in range(N):
+        sign = 1.0 if i % 2 == 0 else -1.0
+        E = sign * sigma / math.sqrt(rank) * A[i // 2] @ B[i // 2].T
+        rows.append(x[i] @ (W + E).T + (0.0 if b is None else b.double().cpu()))
+    return torch.stack(rows)
+
+
+def rel(a, b):
+    return ((a.double().cpu() - b).norm() / b.norm()).item()
+
+
+def check_all(device="cpu", dtype=torch.float32, tol=1e-6):
+    g = torch.Generator().manual_seed(11)
+    for i, (N, D, O, R) in enumerate(CASES):
+        x = torch.randn(N, D, generator=g).to(device, dtype)
+        W = (torch.randn(O, D, generator=g) / math.sqrt(D)).to(device, dtype)
+        b = torch.randn(O, generator=g).to(device, dtype) if i % 2 else None
+        seed = 2**40 + 977 * i
+        ref = dense_counter(x, W, b, seed, 0.7, R)
+        for accumulate in (False, True):
+            err = rel(perturbed_linear_counter(x, W, b, seed, 0.7, R, accumulate=accumulate), ref)
+            assert err < tol, ("counter", N, D, O, R, accumulate, err)
+        A = torch.randn(N, O, R, generator=g).to(device, dtype)
+        B = torch.randn(N, D, R, generator=g).to(device, dtype)
+        ref = torch.einsum("nr,nor->no", torch.einsum("nd,ndr->nr", x.double().cpu(), B.double().cpu()),
+                           A.double().cpu())
+        ref = ref + (0.0 if b is None else b.double().cpu())
+        assert rel(rows_lowrank_delta(x, A, B, b), ref) < tol, ("stored", N, D, O, R)
+        base = torch.randn(N, O, generator=g).to(device, dtype)
+        assert rel(rows_lowrank_delta(x, A, B, b, out=base.clone()), ref + base.double().cpu()) < tol
+
+
+def test_counter_twin_matches_dense_on_cpu():
+    check_all()
+
+
+def test_counter_normals_are_standard_normal_and_sliceable():
+    z = counter_normals(123, 0, 200_000)
+    assert abs(z.mean().item()) < 0.01 and abs(z.std().item() - 1.0) < 0.01
+    assert abs((z.abs() < 1.0).float().mean().item() - 0.6827) < 0.01  # the normal's 1-sigma mass
+    torch.testing.assert_close(counter_normals(123, 1001, 37), z[1001:1038], rtol=0, atol=0)
+    assert not torch.equal(counter_normals(124, 0, 64), z[:64])  # another key, other numbers
+
+
+def test_counter_pair_factors_depend_only_on_the_pair():
+    A, B = counter_pair_factors(5, 0, 8, 7, 9, 3)
+    A2, B2 = counter_pair_factors(5, 3, 6, 7, 9, 3)
+    assert A.shape == (8, 7, 3) and B.shape == (8, 9, 3)
+    assert torch.equal(A[3:6], A2) and torch.equal(B[3:6], B2)
+    L = pair_stride(7, 9, 3)
+    assert L % 4 == 0 and L >= 7 * 3 + 9 * 3
+    assert not torch.allclose(A[0], A[1])
+
+
+def test_counter_rejects_odd_population():
+    with pytest.raises(ValueError, match="even"):
+        perturbed_linear_counter(torch.randn(3, 4), torch.randn(2, 4), None, 0, 0.1, 1)
+
+
+def test_philox_twin_matches_triton_in_interpreter():
+    code = textwrap.dedent(
+        f"""
+        import sys, torch, triton, triton.language as tl
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from eggroll_optim.kernels.fast.rows import _philox4x32
+        from test_rows import check_all
+
+        @triton.jit
+        def words(o0, o1, o2, o3, seed, start):
+            q = start + tl.arange(0, 64).to(tl.int64)
+            a, b, c, d = tl.randint4x(seed, q)
+            i = tl.arange(0, 64)
+            tl.store(o0 + i, a.to(tl.int64)); tl.store(o1 + i, b.to(tl.int64))
+            tl.store(o2 + i, c.to(tl.int64)); tl.store(o3 + i, d.to(tl.int64))
+
+        for seed, start in ((7, 0), (2**62 + 12345, 2**33 - 5)):
+            out = [torch.zeros(64, dtype=torch.int64) for _ in range(4)]
+            words[(1,)](*out, seed, start)
+            twin = _philox4x32(torch.arange(start, start + 64), seed)
+            for a, b in zip(out, twin):
+                assert torch.equal(a & 0xFFFFFFFF, b), (seed, start)
+        check_all()
+        print("ok")
+        """
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
+
+
+@pytest.mark.cuda
+def test_rows_kernels_on_cuda():
+    check_all("cuda", torch.float32, tol=1e-5)
+    check_all("cuda", torch.bfloat16, tol=1.5e-2)
+
+
+@pytest.mark.cuda
+def test_counter_normals_twin_on_cuda_matches_cpu():
+    torch.testing.assert_close(counter_normals(99, 3, 5000, "cuda").cpu(), counter_normals(99, 3, 5000),
+                               rtol=1e-5, atol=1e-5)

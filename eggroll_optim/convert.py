@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .kernels import perturbed_conv, perturbed_linear, split_shared
-from .kernels.fast import fused_mlp_available, mlp_block_activation, perturbed_mlp
+from .kernels.fast import mlp_block_activation, mlp_fast_path, perturbed_mlp
 
 __all__ = ["make_perturbed_forward_fn"]
 
@@ -123,14 +123,14 @@ def _mlp_pattern(module: nn.Module):
 
 
 def _fused_mlp(pattern, x, params, perts):
-    """The fused shared-input MLP kernel when it applies (CUDA, float32, shared input), else None."""
+    """The fused shared-input MLP path when it applies (``mlp_fast_path``), else None."""
     name1, activation, name2 = pattern
     if f"{name1}.weight" not in perts or f"{name2}.weight" not in perts:
         return None
     N = perts[f"{name1}.weight"][0].shape[0]
     x, shared = split_shared(x, N, 1)
     W1 = params[f"{name1}.weight"]
-    if not shared or x.dim() != 2 or not fused_mlp_available(x, W1.shape[0]):
+    if not shared or x.dim() != 2 or not mlp_fast_path(x, W1.shape[0], shared):
         return None
     layer1 = (W1, params.get(f"{name1}.bias"), *perts[f"{name1}.weight"])
     layer2 = (params[f"{name2}.weight"], params.get(f"{name2}.bias"), *perts[f"{name2}.weight"])

@@ -13,7 +13,7 @@ from functools import partial
 import torch.nn as nn
 
 from .hooks import IDLE, idle_error
-from .kernels.fast import fused_mlp_available, mlp_block_activation, perturbed_mlp
+from .kernels.fast import mlp_block_activation, mlp_fast_path, perturbed_mlp
 
 __all__ = ["find_mlp_blocks", "install_mlp_hooks"]
 
@@ -44,7 +44,7 @@ def _pre_hook(switch, block, args):
         x = x[0]
     lead = x.shape[:-1] if shared else x.shape[1:-1]
     x2 = x.reshape(-1, x.shape[-1]) if shared else x.reshape(chunk.size, -1, x.shape[-1])
-    if x2.shape[-2] == 0 or not fused_mlp_available(x2, first.out_features) or x2.dtype != first.weight.dtype:
+    if x2.shape[-2] == 0 or not mlp_fast_path(x2, first.out_features, shared) or x2.dtype != first.weight.dtype:
         return None
     chunk.pending[block] = (x2, shared, lead)
     chunk.bypass.update((first, second))

@@ -23,7 +23,10 @@ try:  # Triton is optional: CPU installs and old GPUs use the reference path
 except ImportError:  # pragma: no cover - exercised where triton is absent
     triton = None
 
-__all__ = ["ACTIVATIONS", "fused_mlp_available", "mlp_block_activation", "perturbed_mlp", "perturbed_mlp_reference"]
+__all__ = [
+    "ACTIVATIONS", "fused_mlp_available", "mlp_block_activation", "mlp_fast_path", "perturbed_mlp",
+    "perturbed_mlp_reference",
+]
 
 # in place: the reference applies them to a tensor it has just created (no fresh allocation)
 ACTIVATIONS = {"tanh": torch.tanh_, "relu": torch.relu_, "identity": lambda h: h}
@@ -116,38 +119,43 @@ if triton is not None:
         N, M, H, O, R,
         stride_xb_n, stride_xb_m, stride_a1_n, stride_a2_n, stride_bb2_n, stride_out_n,
         ACT: tl.constexpr, HAS_BN1: tl.constexpr, HAS_BN2: tl.constexpr, PREC: tl.constexpr,
-        FAST_TANH: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, BO: tl.constexpr, BR: tl.constexpr,
+        FAST_TANH: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr,
         MEMBERS: tl.constexpr,
     ):
         """Shared input: a program keeps ``BM`` rows of ``x W1ᵀ + b1`` and ``W2ᵀ`` on chip and runs
-        ``MEMBERS`` members through them, so the shared base is read once per program, not per member."""
+        ``MEMBERS`` members through them, so the shared base is read once per program, not per member.
+
+        Layer 2 is one GEMM against ``[W2ᵀ | B2_n]`` (``BC >= O + R`` columns): ``z = h [W2ᵀ | B2_n]``
+        holds ``h W2ᵀ`` in columns ``< O`` and ``h B2_n`` in ``O..O+R-1``; then
+        ``y = z + z S_n`` with ``S_n`` placing ``A2_nᵀ`` in rows ``O..O+R-1``, columns ``< O``.
+        """
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
-        hid, outs, rk = tl.arange(0, BH), tl.arange(0, BO), tl.arange(0, BR)
-        row_ok, hid_ok, out_ok, r_ok = rows < M, hid < H, outs < O, rk < R
+        hid, cols, rk = tl.arange(0, BH), tl.arange(0, BC), tl.arange(0, BR)
+        row_ok, hid_ok, r_ok = rows < M, hid < H, rk < R
+        out_col, noise_col = cols < O, (cols >= O) & (cols < O + R)
         base = tl.load(base_ptr + rows[:, None] * H + hid[None, :], mask=row_ok[:, None] & hid_ok[None, :], other=0.0)
-        w2t = tl.load(w2_ptr + outs[None, :] * H + hid[:, None], mask=hid_ok[:, None] & out_ok[None, :], other=0.0)
-        b2 = tl.load(b2_ptr + outs, mask=out_ok, other=0.0)
+        w2t = tl.load(w2_ptr + cols[None, :] * H + hid[:, None], mask=hid_ok[:, None] & out_col[None, :], other=0.0)
+        b2 = tl.load(b2_ptr + cols, mask=out_col, other=0.0)
         n_lo = tl.program_id(1) * MEMBERS
         for n in range(n_lo, tl.minimum(n_lo + MEMBERS, N)):
             xb = tl.load(xb_ptr + n * stride_xb_n + rows[:, None] * stride_xb_m + rk[None, :],
                          mask=row_ok[:, None] & r_ok[None, :], other=0.0)  # (BM, BR)
             a1t = tl.load(a1_ptr + n * stride_a1_n + hid[None, :] * R + rk[:, None],
                           mask=r_ok[:, None] & hid_ok[None, :], other=0.0)  # (BR, BH)
+            b2n = tl.load(bb2_ptr + n * stride_bb2_n + hid[:, None] * R + (cols[None, :] - O),
+                          mask=hid_ok[:, None] & noise_col[None, :], other=0.0)  # (BH, BC): B2_n in O..O+R-1
+            s2 = tl.load(a2_ptr + n * stride_a2_n + cols[None, :] * R + (cols[:, None] - O),
+                         mask=noise_col[:, None] & out_col[None, :], other=0.0)  # (BC, BC)
             h = tl.dot(xb, a1t, acc=base, input_precision=PREC)
             if HAS_BN1:
                 h += tl.load(bn1_ptr + n * H + hid, mask=hid_ok, other=0.0)[None, :]
             h = tl.where(hid_ok[None, :], _activate(h, ACT, FAST_TANH), 0.0)
-            b2n = tl.load(bb2_ptr + n * stride_bb2_n + hid[:, None] * R + rk[None, :],
-                          mask=hid_ok[:, None] & r_ok[None, :], other=0.0)  # (BH, BR)
-            hb = tl.dot(h, b2n, input_precision=PREC)
-            a2t = tl.load(a2_ptr + n * stride_a2_n + outs[None, :] * R + rk[:, None],
-                          mask=r_ok[:, None] & out_ok[None, :], other=0.0)  # (BR, BO)
-            y = tl.dot(h, w2t, input_precision=PREC) + b2[None, :]
-            y = tl.dot(hb, a2t, acc=y, input_precision=PREC)
+            z = tl.dot(h, w2t + b2n, input_precision=PREC)  # (BM, BC)
+            y = tl.dot(z, s2, acc=z, input_precision=PREC) + b2[None, :]
             if HAS_BN2:
-                y += tl.load(bn2_ptr + n * O + outs, mask=out_ok, other=0.0)[None, :]
-            tl.store(out_ptr + n * stride_out_n + rows[:, None] * O + outs[None, :], y,
-                     mask=row_ok[:, None] & out_ok[None, :])
+                y += tl.load(bn2_ptr + n * O + cols, mask=out_col, other=0.0)[None, :]
+            tl.store(out_ptr + n * stride_out_n + rows[:, None] * O + cols[None, :], y,
+                     mask=row_ok[:, None] & out_col[None, :])
 
     @triton.jit
     def _mlp_rows_kernel(
@@ -230,6 +238,14 @@ def fused_mlp_available(x: torch.Tensor, hidden: int) -> bool:
     )
 
 
+def mlp_fast_path(x: torch.Tensor, hidden: int, shared: bool) -> bool:
+    """``perturbed_mlp`` beats the per-layer path: the fused kernel applies, or a shared CPU input
+    (chunked through the caches)."""
+    return fused_mlp_available(x, hidden) or (
+        shared and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+    )
+
+
 def _project(x, B, shared):
     """``x_i B_i`` as an ``(N, M, R)`` view: one GEMM for a shared input, a bmm otherwise."""
     N, D, R = B.shape
@@ -238,7 +254,7 @@ def _project(x, B, shared):
     return torch.bmm(x, B)
 
 
-def _fused(x, layer1, layer2, activation, shared, bias_noise):
+def _fused(x, layer1, layer2, activation, shared, bias_noise, config=None):
     W1, b1, A1, B1 = layer1
     W2, b2, A2, B2 = layer2
     N, H, R = A1.shape
@@ -256,16 +272,18 @@ def _fused(x, layer1, layer2, activation, shared, bias_noise):
     flags = dict(ACT=_ACT_CODE[activation], HAS_BN1=bn1 is not None, HAS_BN2=bn2 is not None,
                  PREC="tf32" if tf32 else "ieee", BH=BH, BO=BO, BR=BR)
     strides = (xb.stride(0), xb.stride(1), A1.stride(0), A2.stride(0), B2.stride(0), out.stride(0))
-    if shared:  # the base tile stays on chip while members stream through it
+    if shared and O + R <= 64:  # the base tile stays on chip while members stream through it
         grid = lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(N, meta["MEMBERS"]))  # noqa: E731
-        fixed = dict(BM=32, MEMBERS=4, num_warps=4) if interpreted else {}
+        fixed = dict(BM=32, MEMBERS=4, num_warps=4) if interpreted else (config or {})
+        flags.pop("BO")
         (_mlp_shared_kernel if fixed else _mlp_shared_kernel_tuned)[grid](
-            *pointers, N, M, H, O, R, *strides, FAST_TANH=tf32 and not interpreted, **flags, **fixed)
+            *pointers, N, M, H, O, R, *strides, FAST_TANH=tf32 and not interpreted, BC=_pow2(O + R), **flags,
+            **fixed)
         return out
     grid = lambda meta: (N, triton.cdiv(M, meta["BM"]))  # noqa: E731
     fixed = dict(BM=32, num_warps=4) if interpreted else {}
-    (_mlp_kernel if fixed else _mlp_kernel_tuned)[grid](
-        *pointers, M, H, O, R, base.stride(0), *strides, **flags, **fixed)
+    (_mlp_kernel if fixed else _mlp_kernel_tuned)[grid](  # one member's rows per program
+        *pointers, M, H, O, R, 0 if shared else base.stride(0), *strides, **flags, **fixed)
     return out
 
 
@@ -294,7 +312,7 @@ def _fused_rows(x, layer1, layer2, activation, bias_noise):
 
 
 def perturbed_mlp(x, layer1, layer2, activation="tanh", shared=True, bias_noise=(None, None)) -> torch.Tensor:
-    """``Linear -> activation -> Linear`` for every member; fused on CUDA, reference elsewhere.
+    """``Linear -> activation -> Linear`` for every member: fused on CUDA, chunked on CPU (shared input).
 
     Args:
         x: shared input ``(M, in)`` (``shared=True``) or per member ``(N, M, in)``.
@@ -314,4 +332,8 @@ def perturbed_mlp(x, layer1, layer2, activation="tanh", shared=True, bias_noise=
                 return _fused_rows(x, layer1, layer2, activation, bias_noise)
             return perturbed_mlp_reference(x, layer1, layer2, activation, shared, bias_noise)
         return _fused(x, layer1, layer2, activation, shared, bias_noise)
+    if shared and not x.is_cuda:  # chunked through the CPU caches
+        from ..cpu_mlp import perturbed_mlp_cpu  # here: cpu_mlp imports this module
+
+        return perturbed_mlp_cpu(x, layer1, layer2, activation, shared, bias_noise)
     return perturbed_mlp_reference(x, layer1, layer2, activation, shared, bias_noise)

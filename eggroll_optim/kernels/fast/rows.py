@@ -114,10 +114,11 @@ if triton is not None:
 
     @triton.jit
     def _rows_counter_kernel(
-        x_ptr, bias_ptr, out_ptr, seed, scale, D, O, stride_x, stride_out, pair_len, b_off,
+        x_ptr, bias_ptr, out_ptr, seed, scale, D, O, stride_x, stride_out, pair_len, b_off, o_chunk,
         R: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUM: tl.constexpr, BK: tl.constexpr, BO: tl.constexpr,
     ):
-        """One program per antithetic pair: members ``2p`` (+A_p) and ``2p + 1`` (-A_p)."""
+        """Program ``(p, j)``: members ``2p`` (+A_p) and ``2p + 1`` (-A_p), outputs
+        ``[j * o_chunk, (j + 1) * o_chunk)`` (``o_chunk`` a multiple of ``BO``)."""
         p = tl.program_id(0)
         m0, m1 = 2 * p, 2 * p + 1
         base = p.to(tl.int64) * pair_len
@@ -135,7 +136,8 @@ if triton is not None:
             s1 += tl.sum(x1[:, None] * b, axis=0)
         s0 = s0 * scale
         s1 = s1 * -scale
-        for o0 in range(0, O, BO):
+        o_lo = tl.program_id(1) * o_chunk
+        for o0 in range(o_lo, tl.minimum(o_lo + o_chunk, O), BO):
             oo = o0 + os_
             o_ok = oo < O
             a = tl.reshape(_stream_tile(seed, base + o0 * R, BO * R // 4), (BO, R))
@@ -246,10 +248,20 @@ def perturbed_linear_counter(
         return torch.addmm(delta, x, weight.t())
     x = x.contiguous()
     out = torch.mm(x, weight.t()) if accumulate else torch.empty(N, O, device=x.device, dtype=x.dtype)
-    BK = BO = _tile(rank)
-    _rows_counter_kernel[(N // 2,)](
-        x, bias if bias is not None else x, out, int(seed), scale, D, O, x.stride(0), out.stride(0),
-        pair_stride(O, D, rank), _pad4(O * rank),
-        R=rank, HAS_BIAS=bias is not None, ACCUM=accumulate, BK=BK, BO=BO, num_warps=4,
-    )
+    launch_counter_rows(x, bias, out, seed, scale, rank, accumulate)
     return out if accumulate else torch.addmm(out, x, weight.t())
+
+
+def launch_counter_rows(x, bias, out, seed, scale, rank, accumulate, tile=None, split=None, num_warps=None):
+    """Launch the counter kernel on ``x (N, in)`` into ``out (N, out)``; the tile (values per step),
+    the output split (programs per pair) and the warps default to the measured best."""
+    N, D = x.shape
+    O = out.shape[1]
+    BK = BO = tile // rank if tile else _tile(rank)
+    split = split or 1
+    o_chunk = triton.cdiv(triton.cdiv(O, split), BO) * BO
+    _rows_counter_kernel[(N // 2, triton.cdiv(O, o_chunk))](
+        x, bias if bias is not None else x, out, int(seed), scale, D, O, x.stride(0), out.stride(0),
+        pair_stride(O, D, rank), _pad4(O * rank), o_chunk,
+        R=rank, HAS_BIAS=bias is not None, ACCUM=accumulate, BK=BK, BO=BO, num_warps=num_warps or 4,
+    )

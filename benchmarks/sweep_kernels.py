@@ -1,0 +1,84 @@
+"""Sweep the launch configurations of the fused kernels on the paper's shapes (GPU); prints ms per config.
+
+  mlp    the shared-input MLP kernel (``kernels.fast.mlp``) on the MNIST step's shapes:
+         x (256, 784), 784-256(tanh)-10, N=4096, rank 4, TF32; whole ``_fused`` call (base and x B1 GEMMs included)
+  rows   the counter-noise rows kernel (``kernels.fast.rows``) alone on the microbenchmark's shapes:
+         x (1024, 8192) bf16, rank 1; next to ``x @ W.T`` and ``addmm`` for scale
+Timer: ``triton.testing.do_bench`` (L2 flushed, median). The autotune lists in the kernels come from here.
+Usage: python benchmarks/sweep_kernels.py [mlp] [rows]
+"""
+from __future__ import annotations
+
+import itertools
+import sys
+
+import torch
+import triton
+
+from eggroll_optim.kernels.fast.mlp import _fused
+from eggroll_optim.kernels.fast.rows import launch_counter_rows, rows_lowrank_delta
+
+
+def bench(fn):
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def sweep_mlp():
+    torch.backends.cuda.matmul.allow_tf32 = True
+    g = torch.Generator(device="cuda").manual_seed(0)
+    N, M, D, H, O, R = 4096, 256, 784, 256, 10, 4
+
+    def rnd(*shape, s=1.0):
+        return torch.randn(*shape, device="cuda", generator=g) * s
+
+    x = rnd(M, D)
+    l1 = (rnd(H, D, s=0.03), rnd(H), rnd(N, H, R, s=0.01), rnd(N, D, R))
+    l2 = (rnd(O, H, s=0.06), rnd(O), rnd(N, O, R, s=0.01), rnd(N, H, R))
+    ref = _fused(x, l1, l2, "tanh", True, (None, None), config=dict(BM=32, MEMBERS=8, num_warps=4))
+    results = []
+    for bm, mem, w, st in itertools.product((32, 64, 128), (8, 32, 128), (4, 8), (1, 3)):
+        cfg = dict(BM=bm, MEMBERS=mem, num_warps=w, num_stages=st)
+        try:
+            out = _fused(x, l1, l2, "tanh", True, (None, None), config=cfg)
+            err = ((out - ref).norm() / ref.norm()).item()
+            ms = bench(lambda: _fused(x, l1, l2, "tanh", True, (None, None), config=cfg))
+        except Exception as exc:  # noqa: BLE001 - a config that does not fit is reported, not fatal
+            print(f"mlp {cfg}: failed {type(exc).__name__}: {str(exc)[:80]}", flush=True)
+            continue
+        results.append((ms, cfg, err))
+        print(f"mlp {cfg}: {ms:.4f} ms (rel. diff {err:.1e})", flush=True)
+    for ms, cfg, err in sorted(results, key=lambda t: t[0])[:6]:
+        print(f"mlp best: {ms:.4f} ms {cfg}")
+    print(f"mlp autotuned: {bench(lambda: _fused(x, l1, l2, 'tanh', True, (None, None))):.4f} ms")
+
+
+def sweep_rows():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    N, d, r = 1024, 8192, 1
+    x = torch.randn(N, d, device="cuda", generator=g).bfloat16()
+    W = (torch.randn(d, d, device="cuda", generator=g) / 90).bfloat16()
+    C = torch.randn(N, d, device="cuda", generator=g).bfloat16()
+    A = torch.randn(N, d, r, device="cuda", generator=g).bfloat16()
+    B = torch.randn(N, d, r, device="cuda", generator=g).bfloat16()
+    out = torch.empty(N, d, device="cuda", dtype=torch.bfloat16)
+    print(f"rows: mm {bench(lambda: torch.mm(x, W.t())):.4f} ms, addmm {bench(lambda: torch.addmm(C, x, W.t())):.4f} ms,"
+          f" stored delta {bench(lambda: rows_lowrank_delta(x, A, B)):.4f} ms", flush=True)
+    results = []
+    for tile, split, w in itertools.product((1024, 2048, 4096), (1, 2, 4, 8), (4, 8, 16)):
+        try:
+            ms = bench(lambda: launch_counter_rows(x, None, out, 12345, 0.01, r, False, tile, split, w))
+        except Exception as exc:  # noqa: BLE001
+            print(f"rows tile {tile} split {split} warps {w}: failed {type(exc).__name__}", flush=True)
+            continue
+        results.append((ms, tile, split, w))
+        print(f"rows tile {tile} split {split} warps {w}: {ms:.4f} ms", flush=True)
+    for ms, tile, split, w in sorted(results)[:6]:
+        print(f"rows best: {ms:.4f} ms tile {tile} split {split} warps {w}")
+
+
+if __name__ == "__main__":
+    which = sys.argv[1:] or ["rows", "mlp"]
+    if "rows" in which:
+        sweep_rows()
+    if "mlp" in which:
+        sweep_mlp()

@@ -126,11 +126,11 @@ def perturbed_linear(
     if M == 1:
         from .fast.rows import fused_rows_available, rows_lowrank_delta  # here: fast.mlp imports this module
 
-        if fused_rows_available(x3):  # one Triton pass over x, A, B writes the term (+ b)
-            delta = rows_lowrank_delta(x3.reshape(N, in_dim), A_scaled, B, bias)
-        else:
-            delta = (_project(x3, B, False).transpose(1, 2) * At).sum(1, keepdim=True)  # (N, 1, out)
-            delta = delta if bias is None else delta + bias
+        if fused_rows_available(x3):  # x Wᵀ + b by cuBLAS, then one Triton pass adds the term in place
+            x2 = x3.reshape(N, in_dim)
+            return rows_lowrank_delta(x2, A_scaled, B, out=F.linear(x2, weight, bias)).view(N, *batch, out_dim)
+        delta = (_project(x3, B, False).transpose(1, 2) * At).sum(1, keepdim=True)  # (N, 1, out)
+        delta = delta if bias is None else delta + bias
     else:
         init = bias.expand(N, M, out_dim) if bias is not None else x3.new_zeros(()).expand(N, M, out_dim)
         delta = torch.baddbmm(init, _project(x3, B, False), At)  # (N, M, out)

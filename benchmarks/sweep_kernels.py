@@ -34,25 +34,23 @@ def sweep_mlp():
     x = rnd(M, D)
     l1 = (rnd(H, D, s=0.03), rnd(H), rnd(N, H, R, s=0.01), rnd(N, D, R))
     l2 = (rnd(O, H, s=0.06), rnd(O), rnd(N, O, R, s=0.01), rnd(N, H, R))
-    ref = _fused(x, l1, l2, "tanh", True, (None, None), config=dict(BM=32, MEMBERS=8, num_warps=4, PREFETCH=False))
+    ref = _fused(x, l1, l2, "tanh", True, (None, None), config=dict(BM=32, MEMBERS=8, num_warps=4))
     results = []
-    shapes = ((128, 32, 8, 3), (128, 32, 8, 1), (64, 32, 4, 3), (64, 32, 8, 2), (128, 16, 8, 2), (64, 64, 4, 2))
-    for (bm, mem, w, st), pf, h16, act in itertools.product(shapes, (False, True), (False, True), ("tanh",)):
-        cfg = dict(BM=bm, MEMBERS=mem, num_warps=w, num_stages=st, PREFETCH=pf)
+    for bm, mem, w, st in itertools.product((32, 64, 128), (8, 32, 128), (4, 8), (1, 3)):
+        cfg = dict(BM=bm, MEMBERS=mem, num_warps=w, num_stages=st)
         try:
-            out = _fused(x, l1, l2, act, True, (None, None), config=cfg, h16=h16)
+            out = _fused(x, l1, l2, "tanh", True, (None, None), config=cfg)
             err = ((out - ref).norm() / ref.norm()).item()
-            ms = bench(lambda: _fused(x, l1, l2, act, True, (None, None), config=cfg, h16=h16))
+            ms = bench(lambda: _fused(x, l1, l2, "tanh", True, (None, None), config=cfg))
         except Exception as exc:  # noqa: BLE001 - a config that does not fit is reported, not fatal
             print(f"mlp {cfg}: failed {type(exc).__name__}: {str(exc)[:80]}", flush=True)
             continue
-        results.append((ms, {**cfg, "h16": h16}, err))
-        print(f"mlp {cfg} h16 {h16}: {ms:.4f} ms (rel. diff {err:.1e})", flush=True)
-    best = min(results, key=lambda t: t[0])[1]
-    cfg = {k: v for k, v in best.items() if k != "h16"}
+        results.append((ms, cfg, err))
+        print(f"mlp {cfg}: {ms:.4f} ms (rel. diff {err:.1e})", flush=True)
+    cfg = min(results, key=lambda t: t[0])[1]
     for act in ("identity", "relu"):
-        print(f"mlp best config with {act}: "
-              f"{bench(lambda: _fused(x, l1, l2, act, True, (None, None), config=cfg, h16=best['h16'])):.4f} ms")
+        ms = bench(lambda: _fused(x, l1, l2, act, True, (None, None), config=cfg))
+        print(f"mlp best config with {act}: {ms:.4f} ms")
     base = torch.nn.functional.linear(x, l1[0], l1[1])
     print(f"mlp parts: base GEMM {bench(lambda: torch.nn.functional.linear(x, l1[0], l1[1])):.4f} ms, "
           f"x B1 GEMM (with the B1 copy) {bench(lambda: x @ l1[3].permute(1, 0, 2).reshape(D, N * R)):.4f} ms",
@@ -77,16 +75,18 @@ def sweep_rows():
           f" stored delta {bench(lambda: rows_lowrank_delta(x, A, B)):.4f} ms, stored delta in place "
           f"{bench(lambda: rows_lowrank_delta(x, A, B, out=C)):.4f} ms (accumulating below)", flush=True)
     results = []
-    for tile, split, w in itertools.product((1024, 2048, 4096), (1, 2, 4), (4, 8, 16)):
+    configs = [(False, t, w) for t in (2048, 4096) for w in (4, 8)]
+    configs += [(True, t, w) for t in (512, 1024, 2048, 4096) for w in (1, 2, 4, 8)]
+    for two_pass, tile, w in configs:
         try:
-            ms = bench(lambda: launch_counter_rows(x, None, out, 12345, 0.01, r, True, tile, split, w))
+            ms = bench(lambda: launch_counter_rows(x, None, out, 12345, 0.01, r, True, tile, 1, w, two_pass))
         except Exception as exc:  # noqa: BLE001
-            print(f"rows tile {tile} split {split} warps {w}: failed {type(exc).__name__}", flush=True)
+            print(f"rows two_pass {two_pass} tile {tile} warps {w}: failed {type(exc).__name__}", flush=True)
             continue
-        results.append((ms, tile, split, w))
-        print(f"rows tile {tile} split {split} warps {w}: {ms:.4f} ms", flush=True)
-    for ms, tile, split, w in sorted(results)[:6]:
-        print(f"rows best: {ms:.4f} ms tile {tile} split {split} warps {w}")
+        results.append((ms, two_pass, tile, w))
+        print(f"rows two_pass {two_pass} tile {tile} warps {w}: {ms:.4f} ms", flush=True)
+    for ms, two_pass, tile, w in sorted(results)[:6]:
+        print(f"rows best: {ms:.4f} ms two_pass {two_pass} tile {tile} warps {w}")
 
 
 if __name__ == "__main__":

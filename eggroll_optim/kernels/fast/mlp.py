@@ -114,28 +114,13 @@ if triton is not None:
 
 
     @triton.jit
-    def _member_tiles(xb_ptr, a1_ptr, bb2_ptr, a2_ptr, n, rows, hid, cols, rk, row_ok, hid_ok, r_ok, out_col,
-                      noise_col, stride_xb_n, stride_xb_m, stride_a1_n, stride_a2_n, stride_bb2_n, O, R):
-        """Member ``n``'s factor tiles for ``_mlp_shared_kernel``: ``x B1_n`` rows ``(BM, BR)``,
-        ``A1_nᵀ (BR, BH)``, ``B2_n`` in columns ``O..O+R-1`` of ``(BH, BC)``, ``S_n (BC, BC)``."""
-        xb = tl.load(xb_ptr + n * stride_xb_n + rows[:, None] * stride_xb_m + rk[None, :],
-                     mask=row_ok[:, None] & r_ok[None, :], other=0.0)
-        a1t = tl.load(a1_ptr + n * stride_a1_n + hid[None, :] * R + rk[:, None],
-                      mask=r_ok[:, None] & hid_ok[None, :], other=0.0)
-        b2n = tl.load(bb2_ptr + n * stride_bb2_n + hid[:, None] * R + (cols[None, :] - O),
-                      mask=hid_ok[:, None] & noise_col[None, :], other=0.0)
-        s2 = tl.load(a2_ptr + n * stride_a2_n + cols[None, :] * R + (cols[:, None] - O),
-                     mask=noise_col[:, None] & out_col[None, :], other=0.0)
-        return xb, a1t, b2n, s2
-
-    @triton.jit
     def _mlp_shared_kernel(
         base_ptr, xb_ptr, a1_ptr, bn1_ptr, w2_ptr, b2_ptr, bb2_ptr, a2_ptr, bn2_ptr, out_ptr,
         N, M, H, O, R,
         stride_xb_n, stride_xb_m, stride_a1_n, stride_a2_n, stride_bb2_n, stride_out_n,
         ACT: tl.constexpr, HAS_BN1: tl.constexpr, HAS_BN2: tl.constexpr, PREC: tl.constexpr,
         FAST_TANH: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr,
-        MEMBERS: tl.constexpr, PREFETCH: tl.constexpr, H16: tl.constexpr,
+        MEMBERS: tl.constexpr,
     ):
         """Shared input: a program keeps ``BM`` rows of ``x W1ᵀ + b1`` and ``W2ᵀ`` on chip and runs
         ``MEMBERS`` members through them, so the shared base is read once per program, not per member.
@@ -143,9 +128,6 @@ if triton is not None:
         Layer 2 is one GEMM against ``[W2ᵀ | B2_n]`` (``BC >= O + R`` columns): ``z = h [W2ᵀ | B2_n]``
         holds ``h W2ᵀ`` in columns ``< O`` and ``h B2_n`` in ``O..O+R-1``; then
         ``y = z + z S_n`` with ``S_n`` placing ``A2_nᵀ`` in rows ``O..O+R-1``, columns ``< O``.
-        ``PREFETCH`` loads member ``n + 1``'s tiles before computing member ``n``. ``H16`` feeds that
-        GEMM float16 operands: only for tanh under TF32, where ``|h| <= 1`` and float16 keeps the
-        same 10-bit mantissa as TF32.
         """
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         hid, cols, rk = tl.arange(0, BH), tl.arange(0, BC), tl.arange(0, BR)
@@ -155,35 +137,25 @@ if triton is not None:
         w2t = tl.load(w2_ptr + cols[None, :] * H + hid[:, None], mask=hid_ok[:, None] & out_col[None, :], other=0.0)
         b2 = tl.load(b2_ptr + cols, mask=out_col, other=0.0)
         n_lo = tl.program_id(1) * MEMBERS
-        n_end = tl.minimum(n_lo + MEMBERS, N)
-        xb, a1t, b2n, s2 = _member_tiles(xb_ptr, a1_ptr, bb2_ptr, a2_ptr, n_lo, rows, hid, cols, rk, row_ok, hid_ok,
-                                         r_ok, out_col, noise_col, stride_xb_n, stride_xb_m, stride_a1_n,
-                                         stride_a2_n, stride_bb2_n, O, R)
-        for n in range(n_lo, n_end):
-            if PREFETCH:
-                xb_n, a1t_n, b2n_n, s2_n = _member_tiles(
-                    xb_ptr, a1_ptr, bb2_ptr, a2_ptr, tl.minimum(n + 1, n_end - 1), rows, hid, cols, rk, row_ok,
-                    hid_ok, r_ok, out_col, noise_col, stride_xb_n, stride_xb_m, stride_a1_n, stride_a2_n,
-                    stride_bb2_n, O, R)
-            else:
-                xb, a1t, b2n, s2 = _member_tiles(
-                    xb_ptr, a1_ptr, bb2_ptr, a2_ptr, n, rows, hid, cols, rk, row_ok, hid_ok, r_ok, out_col,
-                    noise_col, stride_xb_n, stride_xb_m, stride_a1_n, stride_a2_n, stride_bb2_n, O, R)
+        for n in range(n_lo, tl.minimum(n_lo + MEMBERS, N)):
+            xb = tl.load(xb_ptr + n * stride_xb_n + rows[:, None] * stride_xb_m + rk[None, :],
+                         mask=row_ok[:, None] & r_ok[None, :], other=0.0)  # (BM, BR)
+            a1t = tl.load(a1_ptr + n * stride_a1_n + hid[None, :] * R + rk[:, None],
+                          mask=r_ok[:, None] & hid_ok[None, :], other=0.0)  # (BR, BH)
+            b2n = tl.load(bb2_ptr + n * stride_bb2_n + hid[:, None] * R + (cols[None, :] - O),
+                          mask=hid_ok[:, None] & noise_col[None, :], other=0.0)  # (BH, BC): B2_n in O..O+R-1
+            s2 = tl.load(a2_ptr + n * stride_a2_n + cols[None, :] * R + (cols[:, None] - O),
+                         mask=noise_col[:, None] & out_col[None, :], other=0.0)  # (BC, BC)
             h = tl.dot(xb, a1t, acc=base, input_precision=PREC)
             if HAS_BN1:
                 h += tl.load(bn1_ptr + n * H + hid, mask=hid_ok, other=0.0)[None, :]
             h = tl.where(hid_ok[None, :], _activate(h, ACT, FAST_TANH), 0.0)
-            if H16:
-                z = tl.dot(h.to(tl.float16), (w2t + b2n).to(tl.float16))  # (BM, BC), float32 accumulate
-            else:
-                z = tl.dot(h, w2t + b2n, input_precision=PREC)
+            z = tl.dot(h, w2t + b2n, input_precision=PREC)  # (BM, BC)
             y = tl.dot(z, s2, acc=z, input_precision=PREC) + b2[None, :]
             if HAS_BN2:
                 y += tl.load(bn2_ptr + n * O + cols, mask=out_col, other=0.0)[None, :]
             tl.store(out_ptr + n * stride_out_n + rows[:, None] * O + cols[None, :], y,
                      mask=row_ok[:, None] & out_col[None, :])
-            if PREFETCH:
-                xb, a1t, b2n, s2 = xb_n, a1t_n, b2n_n, s2_n
 
     @triton.jit
     def _mlp_rows_kernel(
@@ -229,11 +201,12 @@ if triton is not None:
         tl.store(out_ptr + mem[:, None] * O + outs[None, :], y, mask=m_ok[:, None] & o_ok[None, :])
 
 
-    # rows per program, members per program and warps chosen per shape on the GPU
+    # rows per program, members per program and warps chosen per shape on the GPU; the first is the
+    # best of benchmarks/sweep_kernels.py on the MNIST step (H200), the small ones serve small batches
     _mlp_shared_kernel_tuned = triton.autotune(
         configs=[
-            triton.Config({"BM": bm, "MEMBERS": mem, "PREFETCH": pf}, num_warps=w, num_stages=st)
-            for bm, w in ((64, 4), (128, 8)) for mem in (32,) for st in (1, 3) for pf in (False, True)
+            triton.Config({"BM": bm, "MEMBERS": mem}, num_warps=w, num_stages=st)
+            for bm, mem, w, st in ((128, 32, 8, 3), (128, 32, 8, 1), (64, 32, 4, 3), (64, 16, 4, 1), (32, 16, 4, 1))
         ],
         key=["N", "M", "H", "O", "R"],
     )(_mlp_shared_kernel)
@@ -282,7 +255,7 @@ def _project(x, B, shared):
     return torch.bmm(x, B)
 
 
-def _fused(x, layer1, layer2, activation, shared, bias_noise, config=None, h16=False):
+def _fused(x, layer1, layer2, activation, shared, bias_noise, config=None):
     W1, b1, A1, B1 = layer1
     W2, b2, A2, B2 = layer2
     N, H, R = A1.shape
@@ -302,11 +275,11 @@ def _fused(x, layer1, layer2, activation, shared, bias_noise, config=None, h16=F
     strides = (xb.stride(0), xb.stride(1), A1.stride(0), A2.stride(0), B2.stride(0), out.stride(0))
     if shared and O + R <= 64:  # the base tile stays on chip while members stream through it
         grid = lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(N, meta["MEMBERS"]))  # noqa: E731
-        fixed = dict(BM=32, MEMBERS=4, num_warps=4, PREFETCH=True) if interpreted else (config or {})
+        fixed = dict(BM=32, MEMBERS=4, num_warps=4) if interpreted else (config or {})
         flags.pop("BO")
         (_mlp_shared_kernel if fixed else _mlp_shared_kernel_tuned)[grid](
-            *pointers, N, M, H, O, R, *strides, FAST_TANH=tf32 and not interpreted, BC=_pow2(O + R),
-            H16=bool(h16) and tf32 and activation == "tanh" and not interpreted, **flags, **fixed)
+            *pointers, N, M, H, O, R, *strides, FAST_TANH=tf32 and not interpreted, BC=_pow2(O + R), **flags,
+            **fixed)
         return out
     grid = lambda meta: (N, triton.cdiv(M, meta["BM"]))  # noqa: E731
     fixed = dict(BM=32, num_warps=4) if interpreted else {}

@@ -3,6 +3,10 @@
 A step = noise, forward of every member, fitness = -cross-entropy, gradient, update. Variants:
   functional_fx    generate_perturbations + make_perturbed_forward_fn (torch.fx) + eggroll_step, shared x
   functional_hand  generate_perturbations + perturbed_forward per layer + eggroll_step, shared x
+  functional_graph (CUDA) the same step as functional_fx from the public primitives (generate_perturbations,
+                   forward, compute_classification_fitness, normalize_fitnesses, compute_gradients,
+                   update_params: eggroll_step without its NaN check, the step's one host sync), captured
+                   once in a CUDA graph with the generator registered, then replayed: no Python per step
   optimizer        EggrollOptimizer.step(closure) with per_member_cross_entropy (also evolves biases)
   naive            plain torch: x.expand(N, B, 784).contiguous(), x_i W^T per member (no shared base),
                    bmm low-rank terms, z-score, einsum gradient, update
@@ -23,8 +27,9 @@ import torch.nn.functional as F
 
 import common
 from eggroll_optim import EggrollOptimizer, compute_classification_fitness, per_member_cross_entropy
-from eggroll_optim.core import (EggrollConfig, eggroll_step, generate_perturbations, get_params_dict,
-                                get_weight_shapes, make_perturbed_forward_fn, perturbed_forward)
+from eggroll_optim.core import (EggrollConfig, compute_gradients, eggroll_step, generate_perturbations,
+                                get_params_dict, get_weight_shapes, make_perturbed_forward_fn, normalize_fitnesses,
+                                perturbed_forward, update_params)
 
 IN, HID, OUT = 784, 256, 10
 NAMES = ("0.weight", "0.bias", "2.weight", "2.bias")
@@ -73,6 +78,42 @@ class Functional:
 
     def weights(self):
         return {k: self.params[k].clone() for k in NAMES}
+
+
+class GraphedFunctional(Functional):
+    """``Functional``'s step without the NaN check, captured in one CUDA graph on the first call."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.graph = None
+
+    def eager_step(self, x, y):
+        perts = generate_perturbations(self.shapes, self.N, self.r, self.sigma, self.gen)
+        logits = self.forward(x, self.params, perts)
+        fitness = compute_classification_fitness(logits, y)
+        update_params(self.params, compute_gradients(normalize_fitnesses(fitness), perts, self.N), self.lr)
+        return {k: ("lowrank", *v) for k, v in perts.items()}, logits, fitness
+
+    def capture(self, x, y):
+        if self.graph is None:
+            self.x, self.y = x.clone(), y.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up: autotuning and allocator pools before capture
+                for _ in range(3):
+                    self.eager_step(self.x, self.y)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            self.graph.register_generator_state(self.gen)
+            with torch.cuda.graph(self.graph):
+                self.out = self.eager_step(self.x, self.y)
+
+    def step(self, x, y):
+        self.capture(x, y)
+        self.x.copy_(x)
+        self.y.copy_(y)
+        self.graph.replay()
+        return self.out
 
 
 class Optim:
@@ -141,7 +182,8 @@ class Inference:
 
 
 VARIANTS = {"functional_fx": Functional, "functional_hand": lambda *a: Functional(*a, hand=True),
-            "optimizer": Optim, "naive": Naive}
+            "functional_graph": GraphedFunctional, "optimizer": Optim, "naive": Naive}
+CUDA_ONLY = {"functional_graph"}
 
 
 def reference(before, noise, x, y, fitness, lr):
@@ -183,6 +225,9 @@ def correctness(args, log, failures):
 
     def one(name, cls):
         v = cls(model, N, r, sigma, lr, dev, args.seed + 7)
+        if hasattr(v, "capture"):
+            with torch.no_grad():
+                v.capture(x, y)  # its warm-up steps move the weights: take "before" after them
         before = v.weights()
         common.poison(dev)
         with torch.no_grad():
@@ -207,7 +252,8 @@ def correctness(args, log, failures):
 
     inference()  # the baseline: fatal
     for name, cls in VARIANTS.items():
-        common.guard(name, lambda: one(name, cls), failures)
+        if name not in CUDA_ONLY or common.is_cuda(dev):
+            common.guard(name, lambda: one(name, cls), failures)
 
 
 def main(argv=None):
@@ -240,7 +286,8 @@ def main(argv=None):
     es_floor = common.floor(es_flops(N, B, r), 4 * 2 * (IN * HID + HID * OUT) + 4 * B * IN, ceil, "tf32")
     inf_floor = common.floor(*inference_work(N, B), ceil, "tf32")
     times, mem = {}, {}
-    order = ["inference", "functional_fx", "functional_hand", "optimizer", "naive", "inference"]
+    order = ["inference", "functional_fx", "functional_hand", "functional_graph", "optimizer", "naive", "inference"]
+    order = [n for n in order if n not in CUDA_ONLY or common.is_cuda(dev)]
     for name in order:
         if name in failures:
             continue
@@ -273,7 +320,7 @@ def main(argv=None):
                      **fl, "time_over_floor": t / fl["floor_ms"], "check": "ok"})
     figures = {f"{r_['variant']}_ms": r_.get("time_ms") for r_ in rows}
     figures.update({f"{r_['variant']}_vs_inference": r_.get("ratio_vs_inference") for r_ in rows})
-    for name in ("functional_fx", "functional_hand", "optimizer"):
+    for name in ("functional_fx", "functional_hand", "functional_graph", "optimizer"):
         figures[f"naive_over_{name}"] = t_naive / times[name][0] if t_naive and name in times else None
     payload = {
         "config": {"population": N, "batch": B, "rank": r, "sigma": args.sigma, "lr": args.lr, "dtype": "float32+tf32",

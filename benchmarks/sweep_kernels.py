@@ -75,18 +75,12 @@ def sweep_rows():
           f" stored delta {bench(lambda: rows_lowrank_delta(x, A, B)):.4f} ms, stored delta in place "
           f"{bench(lambda: rows_lowrank_delta(x, A, B, out=C)):.4f} ms (accumulating below)", flush=True)
     results = []
-    configs = [(False, t, w) for t in (2048, 4096) for w in (4, 8)]
-    configs += [(True, t, w) for t in (512, 1024, 2048, 4096) for w in (1, 2, 4, 8)]
-    for two_pass, tile, w in configs:
-        try:
-            ms = bench(lambda: launch_counter_rows(x, None, out, 12345, 0.01, r, True, tile, 1, w, two_pass))
-        except Exception as exc:  # noqa: BLE001
-            print(f"rows two_pass {two_pass} tile {tile} warps {w}: failed {type(exc).__name__}", flush=True)
-            continue
-        results.append((ms, two_pass, tile, w))
-        print(f"rows two_pass {two_pass} tile {tile} warps {w}: {ms:.4f} ms", flush=True)
-    for ms, two_pass, tile, w in sorted(results)[:6]:
-        print(f"rows best: {ms:.4f} ms two_pass {two_pass} tile {tile} warps {w}")
+    for tile, split, w in itertools.product((2048, 4096), (1, 2), (4, 8)):
+        ms = bench(lambda: launch_counter_rows(x, None, out, 12345, 0.01, r, True, tile, split, w))
+        results.append((ms, tile, split, w))
+        print(f"rows tile {tile} split {split} warps {w}: {ms:.4f} ms", flush=True)
+    for ms, tile, split, w in sorted(results)[:3]:
+        print(f"rows best: {ms:.4f} ms tile {tile} split {split} warps {w}")
 
 
 if __name__ == "__main__":

@@ -175,47 +175,6 @@ if triton is not None:
             tl.store(p1, d1.to(out_ptr.dtype.element_ty), mask=o_ok)
 
     @triton.jit
-    def _counter_project_kernel(
-        x_ptr, part_ptr, seed, D, stride_x, pair_len, b_off, KB, R: tl.constexpr, BK: tl.constexpr,
-        FAST: tl.constexpr,
-    ):
-        """Pass 1, program ``(p, j)``: ``x_m B_p`` over inputs ``[j BK, (j + 1) BK)`` for the pair's two
-        members into ``part (N, KB, R)``; pass 2 sums the ``KB`` partials in a fixed order."""
-        p, j = tl.program_id(0), tl.program_id(1)
-        kk = j * BK + tl.arange(0, BK)
-        k_ok = kk < D
-        b = tl.reshape(_stream_tile(seed, p.to(tl.int64) * pair_len + b_off + j * BK * R, BK * R // 4, FAST), (BK, R))
-        b = tl.where(k_ok[:, None], b, 0.0)
-        rs = tl.arange(0, R)
-        for m in range(2 * p, 2 * p + 2):
-            xm = tl.load(x_ptr + m * stride_x + kk, mask=k_ok, other=0.0).to(tl.float32)
-            tl.store(part_ptr + (m * KB + j) * R + rs, tl.sum(xm[:, None] * b, axis=0))
-
-    @triton.jit
-    def _counter_apply_kernel(
-        part_ptr, bias_ptr, out_ptr, seed, scale, O, stride_out, pair_len, KB, R: tl.constexpr,
-        HAS_BIAS: tl.constexpr, BO: tl.constexpr, KBP: tl.constexpr, FAST: tl.constexpr,
-    ):
-        """Pass 2, program ``(p, j)``: ``out_m[o] += ±scale (x_m B_p) A_p[o] (+ b)`` for outputs
-        ``[j BO, (j + 1) BO)`` of the pair's two members, in place."""
-        p, j = tl.program_id(0), tl.program_id(1)
-        oo = j * BO + tl.arange(0, BO)
-        o_ok = oo < O
-        a = tl.reshape(_stream_tile(seed, p.to(tl.int64) * pair_len + j * BO * R, BO * R // 4, FAST), (BO, R))
-        kb, rs = tl.arange(0, KBP), tl.arange(0, R)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + oo, mask=o_ok, other=0.0).to(tl.float32)
-        for m in range(2 * p, 2 * p + 2):
-            part = tl.load(part_ptr + (m * KB + kb[:, None]) * R + rs[None, :], mask=(kb < KB)[:, None], other=0.0)
-            sign = 1.0 - 2.0 * (m % 2)
-            d = tl.sum(a * (tl.sum(part, axis=0) * (scale * sign))[None, :], axis=1)
-            if HAS_BIAS:
-                d += bias
-            ptr = out_ptr + m * stride_out + oo
-            d += tl.load(ptr, mask=o_ok, other=0.0).to(tl.float32)
-            tl.store(ptr, d.to(out_ptr.dtype.element_ty), mask=o_ok)
-
-    @triton.jit
     def _rows_stored_kernel(
         x_ptr, a_ptr, b_ptr, bias_ptr, out_ptr, D, O, R, stride_x, stride_a, stride_b, stride_out,
         HAS_BIAS: tl.constexpr, ACCUM: tl.constexpr, BK: tl.constexpr, BO: tl.constexpr, BR: tl.constexpr,
@@ -314,23 +273,11 @@ def perturbed_linear_counter(
     return out if accumulate else torch.addmm(out, x, weight.t())
 
 
-def launch_counter_rows(x, bias, out, seed, scale, rank, accumulate, tile=None, split=None, num_warps=None,
-                        two_pass=False):
+def launch_counter_rows(x, bias, out, seed, scale, rank, accumulate, tile=None, split=None, num_warps=None):
     """Launch the counter kernel on ``x (N, in)`` into ``out (N, out)``; the tile (values per step),
     the output split (programs per pair) and the warps default to the measured best."""
     N, D = x.shape
     O = out.shape[1]
-    if two_pass:
-        BK = BO = tile // rank if tile else _tile(rank)
-        KB = triton.cdiv(D, BK)
-        part = torch.empty(N, KB, rank, device=x.device, dtype=torch.float32)
-        fast = not _interpreted()
-        _counter_project_kernel[(N // 2, KB)](x, part, int(seed), D, x.stride(0), pair_stride(O, D, rank),
-                                             _pad4(O * rank), KB, R=rank, BK=BK, FAST=fast, num_warps=num_warps or 4)
-        _counter_apply_kernel[(N // 2, triton.cdiv(O, BO))](
-            part, bias if bias is not None else x, out, int(seed), scale, O, out.stride(0), pair_stride(O, D, rank),
-            KB, R=rank, HAS_BIAS=bias is not None, BO=BO, KBP=_pow2(KB, 1), FAST=fast, num_warps=num_warps or 4)
-        return
     BK = BO = tile // rank if tile else _tile(rank)
     split = split or 1
     o_chunk = triton.cdiv(triton.cdiv(O, split), BO) * BO

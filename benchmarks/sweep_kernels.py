@@ -36,7 +36,7 @@ def sweep_mlp():
     l2 = (rnd(O, H, s=0.06), rnd(O), rnd(N, O, R, s=0.01), rnd(N, H, R))
     ref = _fused(x, l1, l2, "tanh", True, (None, None), config=dict(BM=32, MEMBERS=8, num_warps=4))
     results = []
-    for bm, mem, w, st in itertools.product((32, 64, 128), (8, 32, 128), (4, 8), (1, 3)):
+    for bm, mem, w, st in itertools.product((64, 128), (16, 32, 64), (4, 8), (1, 3)):
         cfg = dict(BM=bm, MEMBERS=mem, num_warps=w, num_stages=st)
         try:
             out = _fused(x, l1, l2, "tanh", True, (None, None), config=cfg)

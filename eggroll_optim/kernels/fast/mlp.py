@@ -138,18 +138,20 @@ if triton is not None:
         b2 = tl.load(b2_ptr + cols, mask=out_col, other=0.0)
         n_lo = tl.program_id(1) * MEMBERS
         for n in range(n_lo, tl.minimum(n_lo + MEMBERS, N)):
-            xb = tl.load(xb_ptr + n * stride_xb_n + rows[:, None] * stride_xb_m + rk[None, :],
-                         mask=row_ok[:, None] & r_ok[None, :], other=0.0)  # (BM, BR)
-            a1t = tl.load(a1_ptr + n * stride_a1_n + hid[None, :] * R + rk[:, None],
-                          mask=r_ok[:, None] & hid_ok[None, :], other=0.0)  # (BR, BH)
             b2n = tl.load(bb2_ptr + n * stride_bb2_n + hid[:, None] * R + (cols[None, :] - O),
                           mask=hid_ok[:, None] & noise_col[None, :], other=0.0)  # (BH, BC): B2_n in O..O+R-1
             s2 = tl.load(a2_ptr + n * stride_a2_n + cols[None, :] * R + (cols[:, None] - O),
                          mask=noise_col[:, None] & out_col[None, :], other=0.0)  # (BC, BC)
+            xb = tl.load(xb_ptr + n * stride_xb_n + rows[:, None] * stride_xb_m + rk[None, :],
+                         mask=row_ok[:, None] & r_ok[None, :], other=0.0)  # (BM, BR)
+            a1t = tl.load(a1_ptr + n * stride_a1_n + hid[None, :] * R + rk[:, None],
+                          mask=r_ok[:, None] & hid_ok[None, :], other=0.0)  # (BR, BH)
             h = tl.dot(xb, a1t, acc=base, input_precision=PREC)
             if HAS_BN1:
                 h += tl.load(bn1_ptr + n * H + hid, mask=hid_ok, other=0.0)[None, :]
-            h = tl.where(hid_ok[None, :], _activate(h, ACT, FAST_TANH), 0.0)
+            h = _activate(h, ACT, FAST_TANH)
+            if BH != H:
+                h = tl.where(hid_ok[None, :], h, 0.0)
             z = tl.dot(h, w2t + b2n, input_precision=PREC)  # (BM, BC)
             y = tl.dot(z, s2, acc=z, input_precision=PREC) + b2[None, :]
             if HAS_BN2:
@@ -206,7 +208,7 @@ if triton is not None:
     _mlp_shared_kernel_tuned = triton.autotune(
         configs=[
             triton.Config({"BM": bm, "MEMBERS": mem}, num_warps=w, num_stages=st)
-            for bm, mem, w, st in ((128, 32, 8, 3), (128, 32, 8, 1), (64, 32, 4, 3), (64, 16, 4, 1), (32, 16, 4, 1))
+            for bm, mem, w, st in ((128, 32, 8, 1), (64, 16, 4, 1), (128, 16, 8, 1), (64, 32, 4, 1), (32, 16, 4, 1))
         ],
         key=["N", "M", "H", "O", "R"],
     )(_mlp_shared_kernel)

@@ -3,10 +3,8 @@
 A step = noise, forward of every member, fitness = -cross-entropy, gradient, update. Variants:
   functional_fx    generate_perturbations + make_perturbed_forward_fn (torch.fx) + eggroll_step, shared x
   functional_hand  generate_perturbations + perturbed_forward per layer + eggroll_step, shared x
-  functional_graph (CUDA) the same step as functional_fx from the public primitives (generate_perturbations,
-                   forward, compute_classification_fitness, normalize_fitnesses, compute_gradients,
-                   update_params: eggroll_step without its NaN check, the step's one host sync), captured
-                   once in a CUDA graph with the generator registered, then replayed: no Python per step
+  functional_graph (CUDA) functional_fx's step with eggroll_step(..., nan_policy="skip") (no host sync),
+                   captured once in a CUDA graph with the generator registered, then replayed
   optimizer        EggrollOptimizer.step(closure) with per_member_cross_entropy (also evolves biases)
   naive            plain torch: x.expand(N, B, 784).contiguous(), x_i W^T per member (no shared base),
                    bmm low-rank terms, z-score, einsum gradient, update
@@ -27,9 +25,8 @@ import torch.nn.functional as F
 
 import common
 from eggroll_optim import EggrollOptimizer, compute_classification_fitness, per_member_cross_entropy
-from eggroll_optim.core import (EggrollConfig, compute_gradients, eggroll_step, generate_perturbations,
-                                get_params_dict, get_weight_shapes, make_perturbed_forward_fn, normalize_fitnesses,
-                                perturbed_forward, update_params)
+from eggroll_optim.core import (EggrollConfig, eggroll_step, generate_perturbations, get_params_dict,
+                                get_weight_shapes, make_perturbed_forward_fn, perturbed_forward)
 
 IN, HID, OUT = 784, 256, 10
 NAMES = ("0.weight", "0.bias", "2.weight", "2.bias")
@@ -81,7 +78,7 @@ class Functional:
 
 
 class GraphedFunctional(Functional):
-    """``Functional``'s step without the NaN check, captured in one CUDA graph on the first call."""
+    """``Functional``'s step with the sync-free NaN policy, captured in one CUDA graph on the first call."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -91,7 +88,7 @@ class GraphedFunctional(Functional):
         perts = generate_perturbations(self.shapes, self.N, self.r, self.sigma, self.gen)
         logits = self.forward(x, self.params, perts)
         fitness = compute_classification_fitness(logits, y)
-        update_params(self.params, compute_gradients(normalize_fitnesses(fitness), perts, self.N), self.lr)
+        eggroll_step(self.params, fitness, perts, self.lr, self.sigma, self.config, nan_policy="skip")
         return {k: ("lowrank", *v) for k, v in perts.items()}, logits, fitness
 
     def capture(self, x, y):

@@ -191,16 +191,21 @@ def eggroll_step(
     lr: float,
     sigma: float,
     config: EggrollConfig | None = None,
+    *,
+    nan_policy: str = "raise",
 ) -> tuple[float, float]:
     """Normalise -> gradient -> update in place -> decay; returns ``(lr * lr_decay, sigma * sigma_decay)``.
 
-    Raises ``ValueError`` for NaN/inf fitness (the weights are left untouched).
+    NaN/inf fitness, by ``nan_policy``: ``"raise"`` (default) raises ``ValueError`` and leaves the
+    weights untouched (one host sync); ``"worst"`` ranks those members below every finite one;
+    ``"skip"`` never syncs, so the step can be captured in a CUDA graph: a step with any NaN/inf
+    fitness updates nothing (check the fitness you hold when you next sync).
     """
     if not perts:
         raise ValueError("eggroll_step: perts is empty; nothing to update")
     population_size = next(iter(perts.values()))[0].shape[0]
     device = next(iter(perts.values()))[0].device
-    fitnesses = check_fitness(fitnesses, population_size, device)
+    fitnesses = check_fitness(fitnesses, population_size, device, nan_policy)
     update_params(params, compute_gradients(normalize_fitnesses(fitnesses), perts, population_size), lr)
     lr_decay = config.lr_decay if config is not None else 1.0
     sigma_decay = config.sigma_decay if config is not None else 1.0

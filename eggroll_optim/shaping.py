@@ -12,7 +12,7 @@ import torch
 __all__ = ["SHAPINGS", "centered_rank", "check_fitness", "identity", "resolve_shaping", "zscore"]
 
 Shaping = Callable[[torch.Tensor], torch.Tensor]
-NAN_POLICIES = ("raise", "worst")
+NAN_POLICIES = ("raise", "worst", "skip")
 
 
 def zscore(fitness: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -76,6 +76,8 @@ def check_fitness(
 
     ``nan_policy="raise"`` raises ``ValueError`` naming how many members and which (first few);
     ``"worst"`` gives them a value below every finite member. One host sync per call.
+    ``"skip"`` never syncs (CUDA graphs): if any member is NaN/inf, every member gets fitness 0,
+    so the step's update is exactly zero and the weights stay as they were.
     """
     if not isinstance(fitness, torch.Tensor):
         raise TypeError(f"fitness must be a torch.Tensor of shape ({population_size},), got {type(fitness).__name__}")
@@ -87,6 +89,8 @@ def check_fitness(
         raise ValueError(f"fitness is on {fitness.device}, expected {device} (the parameters' device)")
     if nan_policy not in NAN_POLICIES:
         raise ValueError(f"Unknown nan_policy {nan_policy!r}; expected one of {NAN_POLICIES}")
+    if nan_policy == "skip":
+        return torch.where(torch.isfinite(fitness).all(), fitness, torch.zeros_like(fitness))
     bad = ~torch.isfinite(fitness)
     if not bool(bad.any()):
         return fitness

@@ -76,8 +76,7 @@ if triton is not None:
     def _mlp_kernel(
         base_ptr, xb_ptr, a1_ptr, bn1_ptr, w2_ptr, b2_ptr, bb2_ptr, a2_ptr, bn2_ptr, out_ptr,
         M, H, O, R,
-        stride_base_n, stride_xb_n, stride_xb_m, stride_a1_n, stride_a2_n, stride_bb2_n, stride_bb2_h,
-        stride_out_n,
+        stride_base_n, stride_xb_n, stride_xb_m, stride_a1_n, stride_a2_n, stride_bb2_n, stride_out_n,
         ACT: tl.constexpr, HAS_BN1: tl.constexpr, HAS_BN2: tl.constexpr, PREC: tl.constexpr,
         BM: tl.constexpr, BH: tl.constexpr, BO: tl.constexpr, BR: tl.constexpr,
     ):
@@ -101,7 +100,7 @@ if triton is not None:
         # layer 2: y = h W2ᵀ + b2 + (h B2_n) A2_nᵀ           (BM, BO)
         w2t = tl.load(w2_ptr + outs[None, :] * H + hid[:, None], mask=hid_ok[:, None] & out_ok[None, :], other=0.0)
         y = tl.dot(h, w2t, input_precision=PREC)
-        b2n = tl.load(bb2_ptr + n * stride_bb2_n + hid[:, None] * stride_bb2_h + rk[None, :],
+        b2n = tl.load(bb2_ptr + n * stride_bb2_n + hid[:, None] * R + rk[None, :],
                       mask=hid_ok[:, None] & r_ok[None, :], other=0.0)  # (BH, BR)
         hb = tl.dot(h, b2n, input_precision=PREC)
         a2t = tl.load(a2_ptr + n * stride_a2_n + outs[None, :] * R + rk[:, None],
@@ -118,7 +117,7 @@ if triton is not None:
     def _mlp_shared_kernel(
         base_ptr, xb_ptr, a1_ptr, bn1_ptr, w2_ptr, b2_ptr, bb2_ptr, a2_ptr, bn2_ptr, out_ptr,
         N, M, H, O, R,
-        stride_xb_n, stride_xb_m, stride_a1_n, stride_a2_n, stride_bb2_n, stride_bb2_h, stride_out_n,
+        stride_xb_n, stride_xb_m, stride_a1_n, stride_a2_n, stride_bb2_n, stride_out_n,
         ACT: tl.constexpr, HAS_BN1: tl.constexpr, HAS_BN2: tl.constexpr, PREC: tl.constexpr,
         FAST_TANH: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr,
         MEMBERS: tl.constexpr,
@@ -139,7 +138,7 @@ if triton is not None:
         b2 = tl.load(b2_ptr + cols, mask=out_col, other=0.0)
         n_lo = tl.program_id(1) * MEMBERS
         for n in range(n_lo, tl.minimum(n_lo + MEMBERS, N)):
-            b2n = tl.load(bb2_ptr + n * stride_bb2_n + hid[:, None] * stride_bb2_h + (cols[None, :] - O),
+            b2n = tl.load(bb2_ptr + n * stride_bb2_n + hid[:, None] * R + (cols[None, :] - O),
                           mask=hid_ok[:, None] & noise_col[None, :], other=0.0)  # (BH, BC): B2_n in O..O+R-1
             s2 = tl.load(a2_ptr + n * stride_a2_n + cols[None, :] * R + (cols[:, None] - O),
                          mask=noise_col[:, None] & out_col[None, :], other=0.0)  # (BC, BC)
@@ -267,8 +266,7 @@ def _fused(x, layer1, layer2, activation, shared, bias_noise, config=None):
     xb = _project(x, B1, shared)  # (N, M, R) view
     b2 = torch.zeros(O, device=x.device, dtype=x.dtype) if b2 is None else b2.contiguous()
     bn1, bn2 = (t.contiguous() if t is not None else None for t in bias_noise)
-    A1, A2, W2 = A1.contiguous(), A2.contiguous(), W2.contiguous()
-    B2 = B2 if B2.stride(2) == 1 else B2.contiguous()  # any member / hidden strides (antithetic's layout)
+    A1, A2, B2, W2 = A1.contiguous(), A2.contiguous(), B2.contiguous(), W2.contiguous()
     out = torch.empty(N, M, O, device=x.device, dtype=x.dtype)
     BH, BO, BR = _pow2(H), _pow2(O), _pow2(R)
     tf32 = torch.backends.cuda.matmul.allow_tf32  # as torch's own matmuls
@@ -276,7 +274,7 @@ def _fused(x, layer1, layer2, activation, shared, bias_noise, config=None):
     pointers = (base, xb, A1, bn1 if bn1 is not None else A1, W2, b2, B2, A2, bn2 if bn2 is not None else A2, out)
     flags = dict(ACT=_ACT_CODE[activation], HAS_BN1=bn1 is not None, HAS_BN2=bn2 is not None,
                  PREC="tf32" if tf32 else "ieee", BH=BH, BO=BO, BR=BR)
-    strides = (xb.stride(0), xb.stride(1), A1.stride(0), A2.stride(0), B2.stride(0), B2.stride(1), out.stride(0))
+    strides = (xb.stride(0), xb.stride(1), A1.stride(0), A2.stride(0), B2.stride(0), out.stride(0))
     if shared and O + R <= 64:  # the base tile stays on chip while members stream through it
         grid = lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(N, meta["MEMBERS"]))  # noqa: E731
         fixed = dict(BM=32, MEMBERS=4, num_warps=4) if interpreted else (config or {})

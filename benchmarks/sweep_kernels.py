@@ -2,10 +2,11 @@
 
   mlp    the shared-input MLP kernel (``kernels.fast.mlp``) on the MNIST step's shapes:
          x (256, 784), 784-256(tanh)-10, N=4096, rank 4, TF32; whole ``_fused`` call (base and x B1 GEMMs included)
+  parts  the GEMMs around the MLP kernel: x W1ᵀ + b1, and x B1 by copy + cuBLAS or by ``shared_projection``
   rows   the counter-noise rows kernel (``kernels.fast.rows``) alone on the microbenchmark's shapes:
          x (1024, 8192) bf16, rank 1; next to ``x @ W.T`` and ``addmm`` for scale
 Timer: ``triton.testing.do_bench`` (L2 flushed, median). The autotune lists in the kernels come from here.
-Usage: python benchmarks/sweep_kernels.py [mlp] [rows]
+Usage: python benchmarks/sweep_kernels.py [rows] [parts] [mlp]
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 import triton
 
 from eggroll_optim.kernels.fast.mlp import _fused
+from eggroll_optim.kernels.fast.project import shared_projection
 from eggroll_optim.kernels.fast.rows import launch_counter_rows, rows_lowrank_delta
 
 
@@ -51,14 +53,22 @@ def sweep_mlp():
     for act in ("identity", "relu"):
         ms = bench(lambda: _fused(x, l1, l2, act, True, (None, None), config=cfg))
         print(f"mlp best config with {act}: {ms:.4f} ms")
-    base = torch.nn.functional.linear(x, l1[0], l1[1])
-    print(f"mlp parts: base GEMM {bench(lambda: torch.nn.functional.linear(x, l1[0], l1[1])):.4f} ms, "
-          f"x B1 GEMM (with the B1 copy) {bench(lambda: x @ l1[3].permute(1, 0, 2).reshape(D, N * R)):.4f} ms",
-          flush=True)
-    del base
     for ms, cfg, err in sorted(results, key=lambda t: t[0])[:6]:
         print(f"mlp best: {ms:.4f} ms {cfg}")
     print(f"mlp autotuned: {bench(lambda: _fused(x, l1, l2, 'tanh', True, (None, None))):.4f} ms")
+
+
+def mlp_parts():
+    """The GEMMs around the fused kernel: the shared base, and x B1 by copy + cuBLAS or by the kernel."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    g = torch.Generator(device="cuda").manual_seed(0)
+    N, M, D, H, R = 4096, 256, 784, 256, 4
+    x = torch.randn(M, D, device="cuda", generator=g)
+    W1, b1 = torch.randn(H, D, device="cuda", generator=g), torch.randn(H, device="cuda", generator=g)
+    B1 = torch.randn(N, D, R, device="cuda", generator=g)
+    print(f"mlp parts: base GEMM {bench(lambda: torch.nn.functional.linear(x, W1, b1)):.4f} ms, "
+          f"x B1 by copy + cuBLAS {bench(lambda: x @ B1.permute(1, 0, 2).reshape(D, N * R)):.4f} ms, "
+          f"x B1 by shared_projection {bench(lambda: shared_projection(x, B1)):.4f} ms", flush=True)
 
 
 def sweep_rows():
@@ -84,7 +94,9 @@ def sweep_rows():
 
 
 if __name__ == "__main__":
-    which = sys.argv[1:] or ["rows", "mlp"]
+    which = sys.argv[1:] or ["rows", "parts", "mlp"]
+    if "parts" in which:
+        mlp_parts()
     if "rows" in which:
         sweep_rows()
     if "mlp" in which:

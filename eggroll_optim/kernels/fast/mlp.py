@@ -9,19 +9,16 @@ twin (the two perturbed linear kernels and the activation) used on CPU and as th
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..linear import perturbed_linear
 
-try:  # Triton is optional: CPU installs and old GPUs use the reference path
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised where triton is absent
-    triton = None
+from ._triton import interpreted as _interpreted
+from ._triton import pow2 as _pow2
+from ._triton import tl, triton
+from .project import shared_projection
 
 __all__ = [
     "ACTIVATIONS", "fused_mlp_available", "mlp_block_activation", "mlp_fast_path", "perturbed_mlp",
@@ -203,12 +200,14 @@ if triton is not None:
         tl.store(out_ptr + mem[:, None] * O + outs[None, :], y, mask=m_ok[:, None] & o_ok[None, :])
 
 
-    # rows per program, members per program and warps chosen per shape on the GPU; the first is the
-    # best of benchmarks/sweep_kernels.py on the MNIST step (H200), the small ones serve small batches
+    # rows per program, members per program and warps chosen per shape on the GPU: the best few of
+    # benchmarks/sweep_kernels.py on the MNIST step (their order changes between H200s), and small
+    # tiles for small batches
     _mlp_shared_kernel_tuned = triton.autotune(
         configs=[
             triton.Config({"BM": bm, "MEMBERS": mem}, num_warps=w, num_stages=st)
-            for bm, mem, w, st in ((128, 32, 8, 1), (64, 16, 4, 1), (128, 16, 8, 1), (64, 32, 4, 1), (32, 16, 4, 1))
+            for bm, mem, w, st in ((128, 32, 8, 3), (128, 32, 8, 1), (128, 16, 8, 3), (64, 16, 4, 1), (64, 32, 4, 3),
+                                   (32, 16, 4, 1))
         ],
         key=["N", "M", "H", "O", "R"],
     )(_mlp_shared_kernel)
@@ -221,14 +220,6 @@ if triton is not None:
         ],
         key=["M", "H", "O", "R"],
     )(_mlp_kernel)
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _pow2(v: int, lo: int = 16) -> int:
-    return max(lo, 1 << (int(v) - 1).bit_length())
 
 
 def fused_mlp_available(x: torch.Tensor, hidden: int) -> bool:
@@ -253,7 +244,7 @@ def _project(x, B, shared):
     """``x_i B_i`` as an ``(N, M, R)`` view: one GEMM for a shared input, a bmm otherwise."""
     N, D, R = B.shape
     if shared:
-        return (x @ B.permute(1, 0, 2).reshape(D, N * R)).view(x.shape[0], N, R).transpose(0, 1)
+        return shared_projection(x, B).view(x.shape[0], N, R).transpose(0, 1)
     return torch.bmm(x, B)
 
 

@@ -19,10 +19,9 @@ import math
 
 import torch
 
-from .mlp import _interpreted, _pow2, triton
-
-if triton is not None:
-    import triton.language as tl
+from ._triton import interpreted as _interpreted
+from ._triton import pow2 as _pow2
+from ._triton import tl, triton
 
 __all__ = [
     "counter_normals",

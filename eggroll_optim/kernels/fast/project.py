@@ -3,7 +3,7 @@
 ``x (M, in)`` against ``B (N, in, r)`` is one GEMM ``x @ [B_0 | B_1 | ...]`` with ``N r`` columns,
 but the column ``(i, j)`` of that matrix is strided over both ``i`` and ``j``, so cuBLAS needs
 ``B`` copied to ``(in, N r)`` first (a full pass over the largest noise tensor). The Triton kernel
-loads ``(members, in, r)`` tiles as they are stored and permutes them on chip instead.
+gathers its ``(in, members * r)`` tiles straight from ``B`` as stored instead.
 """
 from __future__ import annotations
 
@@ -25,20 +25,19 @@ if triton is not None:
         """Program ``(i, j)``: rows ``[i BM, (i + 1) BM)`` of ``x`` against members ``[j NB, (j + 1) NB)``;
         ``out (M, N R)`` row-major, column ``n R + r``."""
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
-        mem = tl.program_id(1) * NB + tl.arange(0, NB)
-        ks, rs = tl.arange(0, BK), tl.arange(0, R)
-        row_ok, mem_ok = rows < M, mem < N
+        cols = tl.program_id(1) * (NB * R) + tl.arange(0, NB * R)  # column n R + r
+        ks = tl.arange(0, BK)
+        row_ok, col_ok = rows < M, cols < N * R
+        col_off = (cols // R) * (D * R) + cols % R  # B[n, 0, r]: runs of R contiguous values per member
         acc = tl.zeros((BM, NB * R), dtype=tl.float32)
         for k0 in range(0, D, BK):
             kk = k0 + ks
             k_ok = kk < D
             xt = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :], mask=row_ok[:, None] & k_ok[None, :],
                          other=0.0)  # (BM, BK)
-            bt = tl.load(b_ptr + mem[:, None, None] * (D * R) + kk[None, :, None] * R + rs[None, None, :],
-                         mask=mem_ok[:, None, None] & k_ok[None, :, None], other=0.0)  # (NB, BK, R) as stored
-            bt = tl.reshape(tl.permute(bt, (1, 0, 2)), (BK, NB * R))
+            bt = tl.load(b_ptr + kk[:, None] * R + col_off[None, :], mask=k_ok[:, None] & col_ok[None, :],
+                         other=0.0)  # (BK, NB R), gathered from B as stored
             acc = tl.dot(xt, bt, acc=acc, input_precision=PREC)
-        cols = tl.program_id(1) * (NB * R) + tl.arange(0, NB * R)
         tl.store(out_ptr + rows[:, None] * (N * R) + cols[None, :], acc,
                  mask=row_ok[:, None] & (cols < N * R)[None, :])
 

@@ -2,7 +2,7 @@
 
   mlp    the shared-input MLP kernel (``kernels.fast.mlp``) on the MNIST step's shapes:
          x (256, 784), 784-256(tanh)-10, N=4096, rank 4, TF32; whole ``_fused`` call (base and x B1 GEMMs included)
-  parts  the GEMMs around the MLP kernel: x W1ᵀ + b1, and x B1 by copy + cuBLAS or by ``shared_projection``
+  parts  the GEMMs around the MLP kernel: x W1ᵀ + b1, and x B1 (a copy of B1, then cuBLAS)
   rows   the counter-noise rows kernel (``kernels.fast.rows``) alone on the microbenchmark's shapes:
          x (1024, 8192) bf16, rank 1; next to ``x @ W.T`` and ``addmm`` for scale
 Timer: ``triton.testing.do_bench`` (L2 flushed, median). The autotune lists in the kernels come from here.
@@ -17,7 +17,6 @@ import torch
 import triton
 
 from eggroll_optim.kernels.fast.mlp import _fused
-from eggroll_optim.kernels.fast.project import shared_projection
 from eggroll_optim.kernels.fast.rows import launch_counter_rows, rows_lowrank_delta
 
 
@@ -59,7 +58,7 @@ def sweep_mlp():
 
 
 def mlp_parts():
-    """The GEMMs around the fused kernel: the shared base, and x B1 by copy + cuBLAS or by the kernel."""
+    """The GEMMs around the fused kernel: the shared base, and x B1 (copy + cuBLAS)."""
     torch.backends.cuda.matmul.allow_tf32 = True
     g = torch.Generator(device="cuda").manual_seed(0)
     N, M, D, H, R = 4096, 256, 784, 256, 4
@@ -67,8 +66,7 @@ def mlp_parts():
     W1, b1 = torch.randn(H, D, device="cuda", generator=g), torch.randn(H, device="cuda", generator=g)
     B1 = torch.randn(N, D, R, device="cuda", generator=g)
     print(f"mlp parts: base GEMM {bench(lambda: torch.nn.functional.linear(x, W1, b1)):.4f} ms, "
-          f"x B1 by copy + cuBLAS {bench(lambda: x @ B1.permute(1, 0, 2).reshape(D, N * R)):.4f} ms, "
-          f"x B1 by shared_projection {bench(lambda: shared_projection(x, B1)):.4f} ms", flush=True)
+          f"x B1 by copy + cuBLAS {bench(lambda: x @ B1.permute(1, 0, 2).reshape(D, N * R)):.4f} ms", flush=True)
 
 
 def sweep_rows():

@@ -29,10 +29,9 @@ def _project(x: torch.Tensor, B: torch.Tensor, shared: bool) -> torch.Tensor:
     """``x_i B_i``: shared ``x (M, in)`` or per-member ``(N, M, in)`` -> ``(N, M, r)``."""
     N, in_dim, r = B.shape
     if shared:
-        from .fast.project import shared_projection  # here: fast.mlp imports this module
-
         # one GEMM against every member's B at once: (M, in) @ (in, N*r)
-        return shared_projection(x, B).view(x.shape[0], N, r).transpose(0, 1)  # (N, M, r)
+        xB = x @ B.permute(1, 0, 2).reshape(in_dim, N * r)  # (M, N*r)
+        return xB.view(x.shape[0], N, r).transpose(0, 1)  # (N, M, r)
     if x.shape[1] == 1:  # one row per member: a product-sum is one pass, a batched GEMV is slow
         return (x.transpose(1, 2) * B).sum(1, keepdim=True)  # (N, 1, r)
     return torch.bmm(x, B)  # (N, M, r)

@@ -18,7 +18,6 @@ from ..linear import perturbed_linear
 from ._triton import interpreted as _interpreted
 from ._triton import pow2 as _pow2
 from ._triton import tl, triton
-from .project import shared_projection
 
 __all__ = [
     "ACTIVATIONS", "fused_mlp_available", "mlp_block_activation", "mlp_fast_path", "perturbed_mlp",
@@ -244,7 +243,7 @@ def _project(x, B, shared):
     """``x_i B_i`` as an ``(N, M, R)`` view: one GEMM for a shared input, a bmm otherwise."""
     N, D, R = B.shape
     if shared:
-        return shared_projection(x, B).view(x.shape[0], N, R).transpose(0, 1)
+        return (x @ B.permute(1, 0, 2).reshape(D, N * R)).view(x.shape[0], N, R).transpose(0, 1)
     return torch.bmm(x, B)
 
 

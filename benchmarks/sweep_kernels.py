@@ -35,25 +35,27 @@ def sweep_mlp():
     x = rnd(M, D)
     l1 = (rnd(H, D, s=0.03), rnd(H), rnd(N, H, R, s=0.01), rnd(N, D, R))
     l2 = (rnd(O, H, s=0.06), rnd(O), rnd(N, O, R, s=0.01), rnd(N, H, R))
-    ref = _fused(x, l1, l2, "tanh", True, (None, None), config=dict(BM=32, MEMBERS=8, num_warps=4))
+    ref = _fused(x, l1, l2, "tanh", True, (None, None), config=dict(BM=32, MEMBERS=8, num_warps=4, HSPLIT=1))
     results = []
-    for bm, mem, w, st in itertools.product((64, 128), (16, 32, 64), (4, 8), (1, 3)):
-        cfg = dict(BM=bm, MEMBERS=mem, num_warps=w, num_stages=st)
+    shapes = ((64, 32, 4, 1), (64, 64, 4, 1), (32, 32, 4, 1), (32, 32, 2, 1), (64, 32, 8, 1), (128, 32, 8, 1),
+              (64, 32, 4, 2), (32, 64, 2, 2))
+    for (bm, mem, w, st), hsplit, base16 in itertools.product(shapes, (2, 4), (True,)):
+        cfg = dict(BM=bm, MEMBERS=mem, num_warps=w, num_stages=st, HSPLIT=hsplit)
         try:
-            out = _fused(x, l1, l2, "tanh", True, (None, None), config=cfg)
+            out = _fused(x, l1, l2, "tanh", True, (None, None), config=cfg, base16=base16)
             err = ((out - ref).norm() / ref.norm()).item()
-            ms = bench(lambda: _fused(x, l1, l2, "tanh", True, (None, None), config=cfg))
+            ms = bench(lambda: _fused(x, l1, l2, "tanh", True, (None, None), config=cfg, base16=base16))
         except Exception as exc:  # noqa: BLE001 - a config that does not fit is reported, not fatal
-            print(f"mlp {cfg}: failed {type(exc).__name__}: {str(exc)[:80]}", flush=True)
+            print(f"mlp {cfg} base16 {base16}: failed {type(exc).__name__}: {str(exc)[:80]}", flush=True)
             continue
-        results.append((ms, cfg, err))
-        print(f"mlp {cfg}: {ms:.4f} ms (rel. diff {err:.1e})", flush=True)
-    cfg = min(results, key=lambda t: t[0])[1]
+        results.append((ms, cfg, err, base16))
+        print(f"mlp {cfg} base16 {base16}: {ms:.4f} ms (rel. diff {err:.1e})", flush=True)
+    _, cfg, _, base16 = min(results, key=lambda t: t[0])
     for act in ("identity", "relu"):
-        ms = bench(lambda: _fused(x, l1, l2, act, True, (None, None), config=cfg))
+        ms = bench(lambda: _fused(x, l1, l2, act, True, (None, None), config=cfg, base16=base16))
         print(f"mlp best config with {act}: {ms:.4f} ms")
-    for ms, cfg, err in sorted(results, key=lambda t: t[0])[:6]:
-        print(f"mlp best: {ms:.4f} ms {cfg}")
+    for ms, cfg, err, b16 in sorted(results, key=lambda t: t[0])[:6]:
+        print(f"mlp best: {ms:.4f} ms {cfg} base16 {b16} (rel. diff {err:.1e})")
     print(f"mlp autotuned: {bench(lambda: _fused(x, l1, l2, 'tanh', True, (None, None))):.4f} ms")
 
 

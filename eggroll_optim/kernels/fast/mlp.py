@@ -110,13 +110,40 @@ if triton is not None:
 
 
     @triton.jit
+    def _base_chunk(base_ptr, w2_ptr, rows, row_ok, cols, out_col, hid, H, BASE16: tl.constexpr):
+        """One hidden chunk's resident tiles: ``base (BM, chunk)`` (float16 with ``BASE16``), ``W2ᵀ (chunk, BC)``."""
+        ok = hid < H
+        base = tl.load(base_ptr + rows[:, None] * H + hid[None, :], mask=row_ok[:, None] & ok[None, :], other=0.0)
+        w2t = tl.load(w2_ptr + cols[None, :] * H + hid[:, None], mask=ok[:, None] & out_col[None, :], other=0.0)
+        if BASE16:
+            base = base.to(tl.float16)
+        return base, w2t, hid, ok
+
+    @triton.jit
+    def _hidden_chunk(z, base, w2t, xb, n, hid, hid_ok, cols, noise_col, rk, r_ok, a1_ptr, bn1_ptr, bb2_ptr,
+                      stride_a1_n, stride_bb2_n, H, O, R, ACT: tl.constexpr, FAST_TANH: tl.constexpr,
+                      HAS_BN1: tl.constexpr, PREC: tl.constexpr, MASK_H: tl.constexpr):
+        """``z + act(base + (x B1_n) A1_nᵀ + bn1_n) [W2ᵀ | B2_n]`` over the hidden units ``hid``."""
+        a1t = tl.load(a1_ptr + n * stride_a1_n + hid[None, :] * R + rk[:, None],
+                      mask=r_ok[:, None] & hid_ok[None, :], other=0.0)  # (BR, chunk)
+        h = tl.dot(xb, a1t, acc=base.to(tl.float32), input_precision=PREC)
+        if HAS_BN1:
+            h += tl.load(bn1_ptr + n * H + hid, mask=hid_ok, other=0.0)[None, :]
+        h = _activate(h, ACT, FAST_TANH)
+        if MASK_H:
+            h = tl.where(hid_ok[None, :], h, 0.0)
+        b2n = tl.load(bb2_ptr + n * stride_bb2_n + hid[:, None] * R + (cols[None, :] - O),
+                      mask=hid_ok[:, None] & noise_col[None, :], other=0.0)  # (chunk, BC): B2_n in O..O+R-1
+        return tl.dot(h, w2t + b2n, acc=z, input_precision=PREC)
+
+    @triton.jit
     def _mlp_shared_kernel(
         base_ptr, xb_ptr, a1_ptr, bn1_ptr, w2_ptr, b2_ptr, bb2_ptr, a2_ptr, bn2_ptr, out_ptr,
         N, M, H, O, R,
         stride_xb_n, stride_xb_m, stride_a1_n, stride_a2_n, stride_bb2_n, stride_out_n,
         ACT: tl.constexpr, HAS_BN1: tl.constexpr, HAS_BN2: tl.constexpr, PREC: tl.constexpr,
         FAST_TANH: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr,
-        MEMBERS: tl.constexpr,
+        MEMBERS: tl.constexpr, HSPLIT: tl.constexpr, BASE16: tl.constexpr,
     ):
         """Shared input: a program keeps ``BM`` rows of ``x W1ᵀ + b1`` and ``W2ᵀ`` on chip and runs
         ``MEMBERS`` members through them, so the shared base is read once per program, not per member.
@@ -124,31 +151,42 @@ if triton is not None:
         Layer 2 is one GEMM against ``[W2ᵀ | B2_n]`` (``BC >= O + R`` columns): ``z = h [W2ᵀ | B2_n]``
         holds ``h W2ᵀ`` in columns ``< O`` and ``h B2_n`` in ``O..O+R-1``; then
         ``y = z + z S_n`` with ``S_n`` placing ``A2_nᵀ`` in rows ``O..O+R-1``, columns ``< O``.
+        ``HSPLIT`` (1, 2 or 4) runs the hidden units in that many chunks (fewer live activations); ``BASE16`` keeps
+        the base in float16 (half its registers; only for tanh under TF32, whose inputs carry the same
+        10-bit mantissa, and where an overflow to inf still gives tanh = ±1).
         """
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
-        hid, cols, rk = tl.arange(0, BH), tl.arange(0, BC), tl.arange(0, BR)
-        row_ok, hid_ok, r_ok = rows < M, hid < H, rk < R
+        cols, rk = tl.arange(0, BC), tl.arange(0, BR)
+        row_ok, r_ok = rows < M, rk < R
         out_col, noise_col = cols < O, (cols >= O) & (cols < O + R)
-        base = tl.load(base_ptr + rows[:, None] * H + hid[None, :], mask=row_ok[:, None] & hid_ok[None, :], other=0.0)
-        w2t = tl.load(w2_ptr + cols[None, :] * H + hid[:, None], mask=hid_ok[:, None] & out_col[None, :], other=0.0)
+        hid0 = tl.arange(0, BH // HSPLIT)  # hidden chunk c is hid0 + c * BH // HSPLIT
+        base0, w2t0, hid0, ok0 = _base_chunk(base_ptr, w2_ptr, rows, row_ok, cols, out_col, hid0, H, BASE16)
+        if HSPLIT > 1:
+            base1, w2t1, hid1, ok1 = _base_chunk(base_ptr, w2_ptr, rows, row_ok, cols, out_col, hid0 + BH // HSPLIT,
+                                                 H, BASE16)
+        if HSPLIT > 2:
+            base2, w2t2, hid2, ok2 = _base_chunk(base_ptr, w2_ptr, rows, row_ok, cols, out_col,
+                                                 hid0 + 2 * (BH // HSPLIT), H, BASE16)
+            base3, w2t3, hid3, ok3 = _base_chunk(base_ptr, w2_ptr, rows, row_ok, cols, out_col,
+                                                 hid0 + 3 * (BH // HSPLIT), H, BASE16)
         b2 = tl.load(b2_ptr + cols, mask=out_col, other=0.0)
         n_lo = tl.program_id(1) * MEMBERS
         for n in range(n_lo, tl.minimum(n_lo + MEMBERS, N)):
-            b2n = tl.load(bb2_ptr + n * stride_bb2_n + hid[:, None] * R + (cols[None, :] - O),
-                          mask=hid_ok[:, None] & noise_col[None, :], other=0.0)  # (BH, BC): B2_n in O..O+R-1
             s2 = tl.load(a2_ptr + n * stride_a2_n + cols[None, :] * R + (cols[:, None] - O),
                          mask=noise_col[:, None] & out_col[None, :], other=0.0)  # (BC, BC)
             xb = tl.load(xb_ptr + n * stride_xb_n + rows[:, None] * stride_xb_m + rk[None, :],
                          mask=row_ok[:, None] & r_ok[None, :], other=0.0)  # (BM, BR)
-            a1t = tl.load(a1_ptr + n * stride_a1_n + hid[None, :] * R + rk[:, None],
-                          mask=r_ok[:, None] & hid_ok[None, :], other=0.0)  # (BR, BH)
-            h = tl.dot(xb, a1t, acc=base, input_precision=PREC)
-            if HAS_BN1:
-                h += tl.load(bn1_ptr + n * H + hid, mask=hid_ok, other=0.0)[None, :]
-            h = _activate(h, ACT, FAST_TANH)
-            if BH != H:
-                h = tl.where(hid_ok[None, :], h, 0.0)
-            z = tl.dot(h, w2t + b2n, input_precision=PREC)  # (BM, BC)
+            z = tl.zeros((BM, BC), dtype=tl.float32)
+            z = _hidden_chunk(z, base0, w2t0, xb, n, hid0, ok0, cols, noise_col, rk, r_ok, a1_ptr, bn1_ptr, bb2_ptr,
+                              stride_a1_n, stride_bb2_n, H, O, R, ACT, FAST_TANH, HAS_BN1, PREC, BH != H)
+            if HSPLIT > 1:
+                z = _hidden_chunk(z, base1, w2t1, xb, n, hid1, ok1, cols, noise_col, rk, r_ok, a1_ptr, bn1_ptr,
+                                  bb2_ptr, stride_a1_n, stride_bb2_n, H, O, R, ACT, FAST_TANH, HAS_BN1, PREC, BH != H)
+            if HSPLIT > 2:
+                z = _hidden_chunk(z, base2, w2t2, xb, n, hid2, ok2, cols, noise_col, rk, r_ok, a1_ptr, bn1_ptr,
+                                  bb2_ptr, stride_a1_n, stride_bb2_n, H, O, R, ACT, FAST_TANH, HAS_BN1, PREC, BH != H)
+                z = _hidden_chunk(z, base3, w2t3, xb, n, hid3, ok3, cols, noise_col, rk, r_ok, a1_ptr, bn1_ptr,
+                                  bb2_ptr, stride_a1_n, stride_bb2_n, H, O, R, ACT, FAST_TANH, HAS_BN1, PREC, BH != H)
             y = tl.dot(z, s2, acc=z, input_precision=PREC) + b2[None, :]
             if HAS_BN2:
                 y += tl.load(bn2_ptr + n * O + cols, mask=out_col, other=0.0)[None, :]
@@ -199,16 +237,22 @@ if triton is not None:
         tl.store(out_ptr + mem[:, None] * O + outs[None, :], y, mask=m_ok[:, None] & o_ok[None, :])
 
 
-    # rows per program, members per program and warps chosen per shape on the GPU: the best few of
-    # benchmarks/sweep_kernels.py on the MNIST step (their order changes between H200s), and small
-    # tiles for small batches
+    def _whole_chunks(configs, named_args, **kwargs):
+        """Keep the configs whose hidden chunks are at least 16 wide (``tl.dot``'s smallest K)."""
+        bh = kwargs.get("BH", named_args.get("BH"))
+        return [c for c in configs if bh // c.kwargs["HSPLIT"] >= 16]
+
+    # rows per program, members per program, hidden chunks and warps chosen per shape on the GPU: the
+    # best few of benchmarks/sweep_kernels.py on the MNIST step (H200; their order changes between
+    # cards), and small tiles for small batches
     _mlp_shared_kernel_tuned = triton.autotune(
         configs=[
-            triton.Config({"BM": bm, "MEMBERS": mem}, num_warps=w, num_stages=st)
-            for bm, mem, w, st in ((128, 32, 8, 3), (128, 32, 8, 1), (128, 16, 8, 3), (64, 16, 4, 1), (64, 32, 4, 3),
-                                   (32, 16, 4, 1))
+            triton.Config({"BM": bm, "MEMBERS": mem, "HSPLIT": hs}, num_warps=w, num_stages=st)
+            for bm, mem, hs, w, st in ((64, 64, 2, 4, 1), (64, 32, 2, 4, 1), (128, 32, 2, 8, 1), (128, 32, 1, 8, 3),
+                                       (64, 16, 1, 4, 1), (32, 16, 1, 4, 1))
         ],
-        key=["N", "M", "H", "O", "R"],
+        key=["N", "M", "H", "O", "R", "BASE16"],
+        prune_configs_by={"early_config_prune": _whole_chunks},
     )(_mlp_shared_kernel)
 
     # tile height and warps chosen per shape on the GPU (the interpreter runs one fixed config)
@@ -247,7 +291,7 @@ def _project(x, B, shared):
     return torch.bmm(x, B)
 
 
-def _fused(x, layer1, layer2, activation, shared, bias_noise, config=None):
+def _fused(x, layer1, layer2, activation, shared, bias_noise, config=None, base16=True):
     W1, b1, A1, B1 = layer1
     W2, b2, A2, B2 = layer2
     N, H, R = A1.shape
@@ -267,11 +311,12 @@ def _fused(x, layer1, layer2, activation, shared, bias_noise, config=None):
     strides = (xb.stride(0), xb.stride(1), A1.stride(0), A2.stride(0), B2.stride(0), out.stride(0))
     if shared and O + R <= 64:  # the base tile stays on chip while members stream through it
         grid = lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(N, meta["MEMBERS"]))  # noqa: E731
-        fixed = dict(BM=32, MEMBERS=4, num_warps=4) if interpreted else (config or {})
+        fixed = dict(BM=32, MEMBERS=4, num_warps=4, HSPLIT=max(1, min(4, BH // 16))) if interpreted else (config or {})
         flags.pop("BO")
+        fast_tanh = tf32 and activation == "tanh" and not interpreted
         (_mlp_shared_kernel if fixed else _mlp_shared_kernel_tuned)[grid](
-            *pointers, N, M, H, O, R, *strides, FAST_TANH=tf32 and not interpreted, BC=_pow2(O + R), **flags,
-            **fixed)
+            *pointers, N, M, H, O, R, *strides, FAST_TANH=fast_tanh, BC=_pow2(O + R),
+            BASE16=fast_tanh and base16, **flags, **fixed)
         return out
     grid = lambda meta: (N, triton.cdiv(M, meta["BM"]))  # noqa: E731
     fixed = dict(BM=32, num_warps=4) if interpreted else {}

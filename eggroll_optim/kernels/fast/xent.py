@@ -1,0 +1,69 @@
+"""Mean cross-entropy per member in one pass over the logits (no log-softmax tensor).
+
+``logits (N, B, C)`` with labels shared ``(B,)`` or per member ``(N, B)`` -> ``(N,)``: one program per
+member walks its ``B`` rows in a fixed order (deterministic), so the ``(N, B, C)`` log-probabilities
+of the plain-torch path are never written. An out-of-range label gives that member NaN (which the
+fitness check then reports) instead of a silently wrong value.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._triton import interpreted as _interpreted
+from ._triton import pow2 as _pow2
+from ._triton import tl, triton
+
+__all__ = ["fused_cross_entropy_available", "member_cross_entropy"]
+
+
+if triton is not None:
+
+    @triton.jit
+    def _xent_kernel(logits_ptr, labels_ptr, out_ptr, B, C, stride_ln, stride_yn,
+                     BB: tl.constexpr, BC: tl.constexpr):
+        n = tl.program_id(0)
+        cols = tl.arange(0, BC)
+        col_ok = cols < C
+        total = tl.zeros((BB,), dtype=tl.float32)
+        for b0 in range(0, B, BB):
+            rows = b0 + tl.arange(0, BB)
+            row_ok = rows < B
+            z = tl.load(logits_ptr + n * stride_ln + rows[:, None] * C + cols[None, :],
+                        mask=row_ok[:, None] & col_ok[None, :], other=-float("inf")).to(tl.float32)
+            z = tl.where(row_ok[:, None], z, 0.0)  # rows past B: finite, and dropped below
+            label = tl.load(labels_ptr + n * stride_yn + rows, mask=row_ok, other=0)
+            zmax = tl.max(z, axis=1)
+            lse = zmax + tl.log(tl.sum(tl.exp(z - zmax[:, None]), axis=1))
+            picked = tl.sum(tl.where(cols[None, :] == label[:, None], z, 0.0), axis=1)
+            nll = lse - picked
+            nll = tl.where((label >= 0) & (label < C), nll, float("nan"))
+            total += tl.where(row_ok, nll, 0.0)
+        tl.store(out_ptr + n, tl.sum(total, axis=0) / B)
+
+
+def fused_cross_entropy_available(logits: torch.Tensor, labels: torch.Tensor) -> bool:
+    """Triton, a CUDA (or interpreted) floating ``(N, B, C)`` input with ``C <= 1024``, and no autograd."""
+    return (
+        triton is not None
+        and (logits.is_cuda or _interpreted())
+        and logits.dim() == 3
+        and logits.is_floating_point()
+        and logits.shape[1] > 0
+        and logits.shape[2] <= 1024
+        and not (torch.is_grad_enabled() and logits.requires_grad)
+        and labels.dtype in (torch.int64, torch.int32)
+        and labels.shape in (logits.shape[1:2], logits.shape[:2])
+    )
+
+
+def member_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy per member of ``logits (N, B, C)``, ``labels (B,)`` or ``(N, B)`` -> float32 ``(N,)``."""
+    N, B, C = logits.shape
+    logits = logits.contiguous()
+    labels = labels.contiguous()
+    out = torch.empty(N, device=logits.device, dtype=torch.float32)
+    BC = _pow2(C, 2)
+    BB = max(1, min(_pow2(B, 1), 4096 // BC))
+    _xent_kernel[(N,)](logits, labels, out, B, C, logits.stride(0), labels.stride(0) if labels.dim() == 2 else 0,
+                       BB=BB, BC=BC, num_warps=4)
+    return out

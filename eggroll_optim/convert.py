@@ -130,7 +130,7 @@ def _fused_mlp(pattern, x, params, perts):
     N = perts[f"{name1}.weight"][0].shape[0]
     x, shared = split_shared(x, N, 1)
     W1 = params[f"{name1}.weight"]
-    if not shared or x.dim() != 2 or not mlp_fast_path(x, W1.shape[0], shared):
+    if not shared or x.dim() != 2 or x.shape[0] == 0 or not mlp_fast_path(x, W1.shape[0], shared):
         return None
     layer1 = (W1, params.get(f"{name1}.bias"), *perts[f"{name1}.weight"])
     layer2 = (params[f"{name2}.weight"], params.get(f"{name2}.bias"), *perts[f"{name2}.weight"])

@@ -163,3 +163,16 @@ def test_unknown_activation_raises():
     x, l1, l2, _ = _inputs(2, 3, 4, 5, 2, 1, seed=0)
     with pytest.raises(ValueError, match="Unknown activation"):
         perturbed_mlp_cpu(x, l1, l2, "gelu")
+
+
+def test_empty_batch_through_the_fx_forward():
+    """A shared batch of 0 rows gives (N, 0, out) (the fused CPU path steps aside)."""
+    import torch.nn as nn
+
+    from eggroll_optim.core import generate_perturbations, get_params_dict, get_weight_shapes, make_perturbed_forward_fn
+
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    params = get_params_dict(model, "cpu")
+    perts = generate_perturbations(get_weight_shapes(params), 4, 2, 0.1, torch.Generator().manual_seed(0))
+    forward, _ = make_perturbed_forward_fn(model)
+    assert forward(torch.randn(0, 5), params, perts).shape == (4, 0, 3)

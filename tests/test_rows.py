@@ -56,6 +56,47 @@ def check_all(device="cpu", dtype=torch.float32, tol=1e-6):
         assert rel(rows_lowrank_delta(x, A, B, b, out=base.clone()), ref + base.double().cpu()) < tol
 
 
+def check_linear_rows():
+    """``perturbed_linear`` with one row per member (the rows-kernel route on CUDA / interpreted)
+    against materialised ``W + A_i B_iᵀ`` in float64; strided bias and ``out``; autograd falls back."""
+    from eggroll_optim.kernels import perturbed_linear
+
+    g = torch.Generator().manual_seed(21)
+    N, D, O, R = 6, 37, 19, 3
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float64, 1e-12)):
+        x = torch.randn(N, 1, D, generator=g)
+        W = torch.randn(O, D, generator=g) / D ** 0.5
+        big = torch.randn(O, 3, generator=g)
+        bias = big[:, 1]  # a strided bias
+        A, B = torch.randn(N, O, R, generator=g) * 0.3, torch.randn(N, D, R, generator=g)
+        dense = torch.stack([x[i, 0].double() @ (W.double() + A[i].double() @ B[i].double().T).T
+                             for i in range(N)]) + bias.double()
+        for xin in (x, x[:, 0]):  # (N, 1, D) and (N, D)
+            y = perturbed_linear(xin.to(dtype), W.to(dtype), bias.to(dtype), A.to(dtype), B.to(dtype), shared=False)
+            assert rel(y.reshape(N, O), dense) < tol, (dtype, tuple(xin.shape))
+    x32, A32, B32 = x[:, 0].float(), A.float(), B.float()
+    base = torch.randn(O, N, generator=g).t()  # a transposed out: the kernel cannot write it, torch does
+    expected = base.double() + torch.einsum("nd,ndr,nor->no", x32.double(), B32.double(), A32.double())
+    assert rel(rows_lowrank_delta(x32, A32, B32, out=base), expected) < 1e-5
+    xg = x[:, 0].float().clone().requires_grad_()
+    y = perturbed_linear(xg, W.float(), bias.float(), A32, B32, shared=False)
+    y.square().sum().backward()
+    xr = x[:, 0].double().clone().requires_grad_()
+    Wi = W.double() + torch.einsum("nor,ndr->nod", A.double(), B.double())
+    (torch.einsum("nd,nod->no", xr, Wi) + bias.double()).square().sum().backward()
+    assert rel(xg.grad, xr.grad) < 1e-5  # the in-place kernel would have hidden the low-rank term from autograd
+    try:
+        rows_lowrank_delta(x32, A32[:-1], B32)
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("a population mismatch must raise")
+
+
+def test_linear_rows_route_on_cpu():
+    check_linear_rows()
+
+
 def test_counter_twin_matches_dense_on_cpu():
     check_all()
 
@@ -106,6 +147,8 @@ def test_philox_twin_matches_triton_in_interpreter():
             for a, b in zip(out, twin):
                 assert torch.equal(a & 0xFFFFFFFF, b), (seed, start)
         check_all()
+        from test_rows import check_linear_rows
+        check_linear_rows()
         print("ok")
         """
     )
@@ -117,6 +160,7 @@ def test_philox_twin_matches_triton_in_interpreter():
 @pytest.mark.cuda
 def test_rows_kernels_on_cuda():
     check_all("cuda", torch.float32, tol=1e-5)
+    check_linear_rows_cuda()
     check_all("cuda", torch.bfloat16, tol=1.5e-2)
 
 
@@ -124,3 +168,21 @@ def test_rows_kernels_on_cuda():
 def test_counter_normals_twin_on_cuda_matches_cpu():
     torch.testing.assert_close(counter_normals(99, 3, 5000, "cuda").cpu(), counter_normals(99, 3, 5000),
                                rtol=1e-5, atol=1e-5)
+
+
+def check_linear_rows_cuda():
+    """The rows route on CUDA against the CPU float64 result (TF32 off)."""
+    from eggroll_optim.kernels import perturbed_linear
+
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        g = torch.Generator().manual_seed(5)
+        N, D, O, R = 64, 300, 129, 4
+        x, W, b = torch.randn(N, 1, D, generator=g), torch.randn(O, D, generator=g) / 17, torch.randn(O, generator=g)
+        A, B = torch.randn(N, O, R, generator=g) * 0.1, torch.randn(N, D, R, generator=g)
+        ref = perturbed_linear(*(t.double() for t in (x, W, b, A, B)), shared=False)
+        out = perturbed_linear(*(t.cuda() for t in (x, W, b, A, B)), shared=False)
+        assert rel(out, ref) < 1e-5
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous

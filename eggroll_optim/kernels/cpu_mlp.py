@@ -11,9 +11,10 @@ shared input. Every member ``i`` computes
   them back into a transposed ``(N, out, M)`` result. The full ``(N, M, hidden)`` tensor never exists.
 * ``tanh(z) = 2 (sigmoid(2z) - 1/2)``: torch's CPU ``sigmoid`` is several times faster than its
   ``tanh``. Both factors 2 are exact: the inner one is the first GEMM's ``alpha``/``beta``, the
-  outer one scales the second layer's weights. ``sigmoid(2z) - 1/2`` is exact too (Sterbenz), so
-  the only extra error is sigmoid's rounding, an absolute ~6e-8 on ``h`` in float32; saturation
-  gives exactly ``±1``.
+  outer one scales the second layer's weights. ``sigmoid(2z) - 1/2`` is exact where sigmoid >= 1/4
+  (Sterbenz) and adds at most half an ulp of 1/2 elsewhere, so the extra error is an absolute ~6e-8
+  on ``h`` in float32 (not relative: tiny ``|z|`` lose relative precision); saturation gives
+  exactly ``±1``.
 """
 from __future__ import annotations
 

@@ -126,7 +126,7 @@ def perturbed_linear(
     if M == 1:
         from .fast.rows import fused_rows_available, rows_lowrank_delta  # here: fast.mlp imports this module
 
-        if fused_rows_available(x3):  # x Wᵀ + b by cuBLAS, then one Triton pass adds the term in place
+        if fused_rows_available(x3, weight, bias, A_scaled, B):  # x Wᵀ + b by cuBLAS, then the term in place
             x2 = x3.reshape(N, in_dim)
             return rows_lowrank_delta(x2, A_scaled, B, out=F.linear(x2, weight, bias)).view(N, *batch, out_dim)
         delta = (_project(x3, B, False).transpose(1, 2) * At).sum(1, keepdim=True)  # (N, 1, out)

@@ -76,7 +76,7 @@ if triton is not None:
         ACT: tl.constexpr, HAS_BN1: tl.constexpr, HAS_BN2: tl.constexpr, PREC: tl.constexpr,
         BM: tl.constexpr, BH: tl.constexpr, BO: tl.constexpr, BR: tl.constexpr,
     ):
-        n = tl.program_id(0)
+        n = tl.program_id(0).to(tl.int64)  # 64-bit offsets: N * M * H can pass 2^31
         rows = tl.program_id(1) * BM + tl.arange(0, BM)
         hid = tl.arange(0, BH)
         outs = tl.arange(0, BO)
@@ -151,6 +151,8 @@ if triton is not None:
         Layer 2 is one GEMM against ``[W2ᵀ | B2_n]`` (``BC >= O + R`` columns): ``z = h [W2ᵀ | B2_n]``
         holds ``h W2ᵀ`` in columns ``< O`` and ``h B2_n`` in ``O..O+R-1``; then
         ``y = z + z S_n`` with ``S_n`` placing ``A2_nᵀ`` in rows ``O..O+R-1``, columns ``< O``.
+        A non-finite ``h W2ᵀ`` entry spreads NaN over its row's outputs (``z S_n``): a member's fitness
+        turns NaN either way.
         ``HSPLIT`` (1, 2 or 4) runs the hidden units in that many chunks (fewer live activations); ``BASE16`` keeps
         the base in float16 (half its registers; only for tanh under TF32, whose inputs carry the same
         10-bit mantissa, and where an overflow to inf still gives tanh = ±1).
@@ -171,7 +173,8 @@ if triton is not None:
                                                  hid0 + 3 * (BH // HSPLIT), H, BASE16)
         b2 = tl.load(b2_ptr + cols, mask=out_col, other=0.0)
         n_lo = tl.program_id(1) * MEMBERS
-        for n in range(n_lo, tl.minimum(n_lo + MEMBERS, N)):
+        for n32 in range(n_lo, tl.minimum(n_lo + MEMBERS, N)):
+            n = tl.cast(n32, tl.int64)  # 64-bit offsets: N * M * O can pass 2^31
             s2 = tl.load(a2_ptr + n * stride_a2_n + cols[None, :] * R + (cols[:, None] - O),
                          mask=noise_col[:, None] & out_col[None, :], other=0.0)  # (BC, BC)
             xb = tl.load(xb_ptr + n * stride_xb_n + rows[:, None] * stride_xb_m + rk[None, :],
@@ -201,7 +204,7 @@ if triton is not None:
         BN: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, BO: tl.constexpr, BR: tl.constexpr,
     ):
         """One input row per member: a program takes ``BN`` members; small tiles, no tensor cores."""
-        mem = tl.program_id(0) * BN + tl.arange(0, BN)
+        mem = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
         din, hid, outs, rk = tl.arange(0, BD), tl.arange(0, BH), tl.arange(0, BO), tl.arange(0, BR)
         m_ok, d_ok, h_ok, o_ok, r_ok = mem < N, din < D, hid < H, outs < O, rk < R
         m3, r3 = m_ok[:, None, None], r_ok[None, None, :]
@@ -278,9 +281,12 @@ def fused_mlp_available(x: torch.Tensor, hidden: int) -> bool:
 def mlp_fast_path(x: torch.Tensor, hidden: int, shared: bool) -> bool:
     """``perturbed_mlp`` beats the per-layer path: the fused kernel applies, or a shared CPU input
     (chunked through the caches)."""
-    return fused_mlp_available(x, hidden) or (
-        shared and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-    )
+    return fused_mlp_available(x, hidden) or _cpu_shared(x, shared)
+
+
+def _cpu_shared(x: torch.Tensor, shared: bool) -> bool:
+    """A shared, non-empty float32/float64 CPU batch: ``kernels.cpu_mlp``'s case."""
+    return shared and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.shape[-2] > 0
 
 
 def _project(x, B, shared):
@@ -370,7 +376,7 @@ def perturbed_mlp(x, layer1, layer2, activation="tanh", shared=True, bias_noise=
                 return _fused_rows(x, layer1, layer2, activation, bias_noise)
             return perturbed_mlp_reference(x, layer1, layer2, activation, shared, bias_noise)
         return _fused(x, layer1, layer2, activation, shared, bias_noise)
-    if shared and not x.is_cuda:  # chunked through the CPU caches
+    if x.dim() == 2 and _cpu_shared(x, shared):  # chunked through the CPU caches
         from ..cpu_mlp import perturbed_mlp_cpu  # here: cpu_mlp imports this module
 
         return perturbed_mlp_cpu(x, layer1, layer2, activation, shared, bias_noise)

@@ -11,7 +11,9 @@ Counter noise is a pure function of ``(seed, index)`` (SPEC §6): the normal at 
 the 64-bit key ``seed`` (Triton's ``randn4x``). Pair ``p`` owns the stream slice
 ``[p * L, (p + 1) * L)`` with ``L = pad4(out * r) + pad4(in * r)``: ``A_p (out, r)`` first, then
 ``B_p (in, r)``, both row-major. ``counter_pair_factors`` is the plain-torch twin (any device);
-the kernel reproduces it up to the last ulp of ``log``/``cos``.
+the kernel reproduces its Philox words exactly and its normals to ~1e-6 on CUDA, where Box-Muller
+uses the hardware approximations of log2/sqrt/sin/cos (under the interpreter it uses the exact
+ones). Ranks that are not a power of two, or above 16, take the twin (draw, then the stored kernel).
 """
 from __future__ import annotations
 
@@ -137,9 +139,9 @@ if triton is not None:
     ):
         """Program ``(p, j)``: members ``2p`` (+A_p) and ``2p + 1`` (-A_p), outputs
         ``[j * o_chunk, (j + 1) * o_chunk)`` (``o_chunk`` a multiple of ``BO``)."""
-        p = tl.program_id(0)
+        p = tl.program_id(0).to(tl.int64)  # 64-bit offsets: N * D can pass 2^31
         m0, m1 = 2 * p, 2 * p + 1
-        base = p.to(tl.int64) * pair_len
+        base = p * pair_len
         ks, os_ = tl.arange(0, BK), tl.arange(0, BO)
         s0 = tl.zeros((R,), dtype=tl.float32)
         s1 = tl.zeros((R,), dtype=tl.float32)
@@ -179,7 +181,7 @@ if triton is not None:
         HAS_BIAS: tl.constexpr, ACCUM: tl.constexpr, BK: tl.constexpr, BO: tl.constexpr, BR: tl.constexpr,
     ):
         """One program per member: ``out_n = (x_n B_n) A_nᵀ (+ b) (+ out_n)`` with stored factors."""
-        n = tl.program_id(0)
+        n = tl.program_id(0).to(tl.int64)  # 64-bit offsets: N * D * R can pass 2^31
         ks, os_, rs = tl.arange(0, BK), tl.arange(0, BO), tl.arange(0, BR)
         r_ok = rs < R
         s = tl.zeros((BR,), dtype=tl.float32)
@@ -204,9 +206,16 @@ if triton is not None:
             tl.store(ptr, d.to(out_ptr.dtype.element_ty), mask=o_ok)
 
 
-def fused_rows_available(x: torch.Tensor) -> bool:
-    """Triton present and the input on CUDA (or under Triton's interpreter)."""
-    return triton is not None and (x.is_cuda or _interpreted())
+def fused_rows_available(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    """Triton present, ``x`` on CUDA (or under Triton's interpreter) in float32/bfloat16/float16
+    (the kernels accumulate in float32: float64 keeps the exact torch path), and no autograd
+    through ``x`` or ``others`` (the kernels write in place, which autograd would not see)."""
+    if triton is None or not (x.is_cuda or _interpreted()) or x.dtype not in _KERNEL_DTYPES:
+        return False
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *others)))
+
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _tile(rank_block: int) -> int:
@@ -224,11 +233,18 @@ def rows_lowrank_delta(
     """
     N, D = x.shape
     O, R = A_scaled.shape[1], A_scaled.shape[2]
-    if not fused_rows_available(x):
+    if A_scaled.shape[0] != N or tuple(B.shape) != (N, D, R):
+        raise ValueError(f"rows_lowrank_delta: x {tuple(x.shape)} needs A_scaled (N={N}, out, r) and B ({N}, {D}, r), "
+                         f"got {tuple(A_scaled.shape)} and {tuple(B.shape)}")
+    if out is not None and tuple(out.shape) != (N, O):
+        raise ValueError(f"rows_lowrank_delta: out must have shape ({N}, {O}), got {tuple(out.shape)}")
+    strided_out = out is not None and out.stride(1) != 1
+    if strided_out or not fused_rows_available(x, A_scaled, B, bias, out):
         delta = torch.einsum("nr,nor->no", torch.einsum("nd,ndr->nr", x, B.to(x.dtype)), A_scaled.to(x.dtype))
         delta = delta if bias is None else delta + bias
         return delta if out is None else out.add_(delta)
     x, A_scaled, B = x.contiguous(), A_scaled.contiguous(), B.contiguous()
+    bias = bias.contiguous() if bias is not None else None
     accum = out is not None
     out = torch.empty(N, O, device=x.device, dtype=x.dtype) if out is None else out
     BR = _pow2(R, 1)
@@ -259,14 +275,17 @@ def perturbed_linear_counter(
         raise ValueError(f"perturbed_linear_counter: N must be even (antithetic pairs), got {N}")
     if weight.shape[1] != D:
         raise ValueError(f"perturbed_linear_counter: x has {D} features, weight expects {weight.shape[1]}")
+    if rank < 1 or N == 0:
+        raise ValueError(f"perturbed_linear_counter: needs rank >= 1 and N >= 2, got rank={rank}, N={N}")
     scale = sigma / math.sqrt(rank)
-    if not fused_rows_available(x) or rank & (rank - 1) or rank > 16:  # the twin: draw, then the stored path
+    if not fused_rows_available(x, weight, bias) or rank & (rank - 1) or rank > 16:  # the twin
         A, B = counter_pair_factors(seed, 0, N // 2, O, D, rank, x.device)
         A_scaled = torch.stack((A, -A), dim=1).flatten(0, 1) * scale
         B = torch.stack((B, B), dim=1).flatten(0, 1)
         delta = rows_lowrank_delta(x, A_scaled.to(x.dtype), B.to(x.dtype), bias)
         return torch.addmm(delta, x, weight.t())
     x = x.contiguous()
+    bias = bias.contiguous() if bias is not None else None
     out = torch.mm(x, weight.t()) if accumulate else torch.empty(N, O, device=x.device, dtype=x.dtype)
     launch_counter_rows(x, bias, out, seed, scale, rank, accumulate)
     return out if accumulate else torch.addmm(out, x, weight.t())

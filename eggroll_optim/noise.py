@@ -80,10 +80,15 @@ def antithetic(
         B: ``(P, n, r)`` pair factors.
     Returns:
         ``A_scaled (2P, m, r)`` = ``s_i * sigma / sqrt(r) * A``, ``A_signed (2P, m, r)`` = ``s_i * A``,
-        ``B (2P, n, r)``, with ``s = (+1, -1, +1, -1, ...)``.
+        ``B (2P, n, r)``, with ``s = (+1, -1, +1, -1, ...)``. ``B`` is a view of an ``(n, 2P, r)``
+        buffer: ``B.permute(1, 0, 2).reshape(n, 2P * r)`` is then free, which is how the shared-input
+        projection ``x @ B`` and the gradient GEMM read it.
     """
     A_signed = torch.stack((A, -A), dim=1).flatten(0, 1)  # (2P, m, r)
-    B_pop = torch.stack((B, B), dim=1).flatten(0, 1)  # (2P, n, r)
+    P, n, r = B.shape
+    B_pop = B.new_empty(n, P, 2, r)
+    B_pop.copy_(B.permute(1, 0, 2).unsqueeze(2).expand(n, P, 2, r))
+    B_pop = B_pop.view(n, 2 * P, r).permute(1, 0, 2)  # (2P, n, r), members 2k and 2k+1 share B_k
     A_scaled = A_signed * (sigma / math.sqrt(rank))
     return A_scaled, A_signed, B_pop
 

@@ -31,6 +31,12 @@ def _inputs(M, D, H, O, N, R, seed, device="cpu"):
     return x, layer1, layer2
 
 
+def _member_major(layer):
+    """The same layer with ``B (N, in, r)`` stored ``(in, N, r)``-major, as ``noise.antithetic`` returns it."""
+    W, b, A, B = layer
+    return W, b, A, B.permute(1, 0, 2).contiguous().permute(1, 0, 2)
+
+
 def _relative_error(x, layer1, layer2, activation, shared=True, bias_noise=(None, None)):
     out = perturbed_mlp(x, layer1, layer2, activation, shared, bias_noise)
     noise64 = [t.double().cpu() if t is not None else None for t in bias_noise]
@@ -61,7 +67,7 @@ def test_fused_kernel_in_triton_interpreter():
         f"""
         import torch, sys
         sys.path.insert(0, {os.path.dirname(__file__)!r})
-        from test_fast_mlp import CASES, _inputs, _relative_error
+        from test_fast_mlp import CASES, _inputs, _member_major, _relative_error
         for i, case in enumerate(CASES):
             *shape, act = case
             err = _relative_error(*_inputs(*shape, seed=100 + i), act)
@@ -77,6 +83,13 @@ def test_fused_kernel_in_triton_interpreter():
             x1 = torch.randn(N, 1, D)  # one row per member: the members-as-rows kernel
             err = _relative_error(x1, l1, l2, act, shared=False, bias_noise=noise)
             assert err < 1e-5, ("rows", case, err)
+            l1, l2 = _member_major(l1), _member_major(l2)  # B as noise.antithetic lays it out
+            err = _relative_error(x, l1, l2, act)
+            assert err < 1e-5, ("feature-major B", case, err)
+            err = _relative_error(xm, l1, l2, act, shared=False)
+            assert err < 1e-5, ("feature-major B, per-member", case, err)
+            err = _relative_error(x1, l1, l2, act, shared=False, bias_noise=noise)
+            assert err < 1e-5, ("feature-major B, rows", case, err)
         print("ok")
         """
     )
@@ -96,6 +109,10 @@ def test_fused_kernel_on_cuda(case):
     xm = torch.randn(N, M, D, device="cuda")
     assert _relative_error(xm, l1, l2, act, shared=False, bias_noise=noise) < 2e-3
     x1 = torch.randn(N, 1, D, device="cuda")
+    assert _relative_error(x1, l1, l2, act, shared=False, bias_noise=noise) < 2e-3
+    l1, l2 = _member_major(l1), _member_major(l2)
+    assert _relative_error(x, l1, l2, act) < 2e-3
+    assert _relative_error(xm, l1, l2, act, shared=False, bias_noise=noise) < 2e-3
     assert _relative_error(x1, l1, l2, act, shared=False, bias_noise=noise) < 2e-3
 
 

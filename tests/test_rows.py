@@ -52,6 +52,8 @@ def check_all(device="cpu", dtype=torch.float32, tol=1e-6):
                            A.double().cpu())
         ref = ref + (0.0 if b is None else b.double().cpu())
         assert rel(rows_lowrank_delta(x, A, B, b), ref) < tol, ("stored", N, D, O, R)
+        B_major = B.permute(1, 0, 2).contiguous().permute(1, 0, 2)  # noise.antithetic's layout
+        assert rel(rows_lowrank_delta(x, A, B_major, b), ref) < tol, ("stored, feature-major B", N, D, O, R)
         base = torch.randn(N, O, generator=g).to(device, dtype)
         assert rel(rows_lowrank_delta(x, A, B, b, out=base.clone()), ref + base.double().cpu()) < tol
 

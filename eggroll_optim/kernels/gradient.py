@@ -14,10 +14,14 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def lowrank_gradient_sum(fitness: torch.Tensor, A_scaled: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """``Σ_i f_i A_scaled_i B_iᵀ`` as ``einsum('nir,njr->ij')``: ``(N,), (N, m, r), (N, n, r) -> (m, n)``."""
+    """``Σ_i f_i A_scaled_i B_iᵀ`` as one GEMM ``(m, N r) @ (N r, n)``: ``(N,), (N, m, r), (N, n, r) -> (m, n)``.
+
+    ``B`` laid out ``(n, N, r)``-major (as ``noise.antithetic`` returns it) is read without a copy.
+    """
     acc = accumulation_dtype(A_scaled.dtype)
-    fA = A_scaled.to(acc) * fitness.to(acc)[:, None, None]
-    return torch.einsum("nir,njr->ij", fA, B.to(acc))
+    N, m, r = A_scaled.shape
+    fA = (A_scaled.to(acc) * fitness.to(acc)[:, None, None]).permute(1, 0, 2).reshape(m, N * r)
+    return fA @ B.to(acc).permute(1, 0, 2).reshape(B.shape[1], N * r).t()
 
 
 def fullrank_gradient_sum(fitness: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

@@ -72,7 +72,8 @@ if triton is not None:
     def _mlp_kernel(
         base_ptr, xb_ptr, a1_ptr, bn1_ptr, w2_ptr, b2_ptr, bb2_ptr, a2_ptr, bn2_ptr, out_ptr,
         M, H, O, R,
-        stride_base_n, stride_xb_n, stride_xb_m, stride_a1_n, stride_a2_n, stride_bb2_n, stride_out_n,
+        stride_base_n, stride_xb_n, stride_xb_m, stride_a1_n, stride_a2_n, stride_bb2_n, stride_bb2_h,
+        stride_out_n,
         ACT: tl.constexpr, HAS_BN1: tl.constexpr, HAS_BN2: tl.constexpr, PREC: tl.constexpr,
         BM: tl.constexpr, BH: tl.constexpr, BO: tl.constexpr, BR: tl.constexpr,
     ):
@@ -96,7 +97,7 @@ if triton is not None:
         # layer 2: y = h W2ᵀ + b2 + (h B2_n) A2_nᵀ           (BM, BO)
         w2t = tl.load(w2_ptr + outs[None, :] * H + hid[:, None], mask=hid_ok[:, None] & out_ok[None, :], other=0.0)
         y = tl.dot(h, w2t, input_precision=PREC)
-        b2n = tl.load(bb2_ptr + n * stride_bb2_n + hid[:, None] * R + rk[None, :],
+        b2n = tl.load(bb2_ptr + n * stride_bb2_n + hid[:, None] * stride_bb2_h + rk[None, :],
                       mask=hid_ok[:, None] & r_ok[None, :], other=0.0)  # (BH, BR)
         hb = tl.dot(h, b2n, input_precision=PREC)
         a2t = tl.load(a2_ptr + n * stride_a2_n + outs[None, :] * R + rk[:, None],
@@ -121,7 +122,7 @@ if triton is not None:
 
     @triton.jit
     def _hidden_chunk(z, base, w2t, xb, n, hid, hid_ok, cols, noise_col, rk, r_ok, a1_ptr, bn1_ptr, bb2_ptr,
-                      stride_a1_n, stride_bb2_n, H, O, R, ACT: tl.constexpr, FAST_TANH: tl.constexpr,
+                      stride_a1_n, stride_bb2_n, stride_bb2_h, H, O, R, ACT: tl.constexpr, FAST_TANH: tl.constexpr,
                       HAS_BN1: tl.constexpr, PREC: tl.constexpr, MASK_H: tl.constexpr):
         """``z + act(base + (x B1_n) A1_nᵀ + bn1_n) [W2ᵀ | B2_n]`` over the hidden units ``hid``."""
         a1t = tl.load(a1_ptr + n * stride_a1_n + hid[None, :] * R + rk[:, None],
@@ -132,7 +133,7 @@ if triton is not None:
         h = _activate(h, ACT, FAST_TANH)
         if MASK_H:
             h = tl.where(hid_ok[None, :], h, 0.0)
-        b2n = tl.load(bb2_ptr + n * stride_bb2_n + hid[:, None] * R + (cols[None, :] - O),
+        b2n = tl.load(bb2_ptr + n * stride_bb2_n + hid[:, None] * stride_bb2_h + (cols[None, :] - O),
                       mask=hid_ok[:, None] & noise_col[None, :], other=0.0)  # (chunk, BC): B2_n in O..O+R-1
         return tl.dot(h, w2t + b2n, acc=z, input_precision=PREC)
 
@@ -140,7 +141,7 @@ if triton is not None:
     def _mlp_shared_kernel(
         base_ptr, xb_ptr, a1_ptr, bn1_ptr, w2_ptr, b2_ptr, bb2_ptr, a2_ptr, bn2_ptr, out_ptr,
         N, M, H, O, R,
-        stride_xb_n, stride_xb_m, stride_a1_n, stride_a2_n, stride_bb2_n, stride_out_n,
+        stride_xb_n, stride_xb_m, stride_a1_n, stride_a2_n, stride_bb2_n, stride_bb2_h, stride_out_n,
         ACT: tl.constexpr, HAS_BN1: tl.constexpr, HAS_BN2: tl.constexpr, PREC: tl.constexpr,
         FAST_TANH: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr,
         MEMBERS: tl.constexpr, HSPLIT: tl.constexpr, BASE16: tl.constexpr,
@@ -181,15 +182,19 @@ if triton is not None:
                          mask=row_ok[:, None] & r_ok[None, :], other=0.0)  # (BM, BR)
             z = tl.zeros((BM, BC), dtype=tl.float32)
             z = _hidden_chunk(z, base0, w2t0, xb, n, hid0, ok0, cols, noise_col, rk, r_ok, a1_ptr, bn1_ptr, bb2_ptr,
-                              stride_a1_n, stride_bb2_n, H, O, R, ACT, FAST_TANH, HAS_BN1, PREC, BH != H)
+                              stride_a1_n, stride_bb2_n, stride_bb2_h, H, O, R, ACT, FAST_TANH, HAS_BN1, PREC,
+                              BH != H)
             if HSPLIT > 1:
                 z = _hidden_chunk(z, base1, w2t1, xb, n, hid1, ok1, cols, noise_col, rk, r_ok, a1_ptr, bn1_ptr,
-                                  bb2_ptr, stride_a1_n, stride_bb2_n, H, O, R, ACT, FAST_TANH, HAS_BN1, PREC, BH != H)
+                                  bb2_ptr, stride_a1_n, stride_bb2_n, stride_bb2_h, H, O, R, ACT, FAST_TANH,
+                                  HAS_BN1, PREC, BH != H)
             if HSPLIT > 2:
                 z = _hidden_chunk(z, base2, w2t2, xb, n, hid2, ok2, cols, noise_col, rk, r_ok, a1_ptr, bn1_ptr,
-                                  bb2_ptr, stride_a1_n, stride_bb2_n, H, O, R, ACT, FAST_TANH, HAS_BN1, PREC, BH != H)
+                                  bb2_ptr, stride_a1_n, stride_bb2_n, stride_bb2_h, H, O, R, ACT, FAST_TANH,
+                                  HAS_BN1, PREC, BH != H)
                 z = _hidden_chunk(z, base3, w2t3, xb, n, hid3, ok3, cols, noise_col, rk, r_ok, a1_ptr, bn1_ptr,
-                                  bb2_ptr, stride_a1_n, stride_bb2_n, H, O, R, ACT, FAST_TANH, HAS_BN1, PREC, BH != H)
+                                  bb2_ptr, stride_a1_n, stride_bb2_n, stride_bb2_h, H, O, R, ACT, FAST_TANH,
+                                  HAS_BN1, PREC, BH != H)
             y = tl.dot(z, s2, acc=z, input_precision=PREC) + b2[None, :]
             if HAS_BN2:
                 y += tl.load(bn2_ptr + n * O + cols, mask=out_col, other=0.0)[None, :]
@@ -199,7 +204,7 @@ if triton is not None:
     @triton.jit
     def _mlp_rows_kernel(
         x_ptr, base_ptr, bb1_ptr, a1_ptr, bn1_ptr, w2_ptr, b2_ptr, bb2_ptr, a2_ptr, bn2_ptr, out_ptr,
-        N, D, H, O, R,
+        N, D, H, O, R, stride_b1_n, stride_b1_d, stride_b2_n, stride_b2_h,
         ACT: tl.constexpr, HAS_BN1: tl.constexpr, HAS_BN2: tl.constexpr,
         BN: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, BO: tl.constexpr, BR: tl.constexpr,
     ):
@@ -212,7 +217,7 @@ if triton is not None:
         # layer 1: h = act(x W1ᵀ + b1 [precomputed] + Σ_r (x B1_n)_r A1_n[:, r] + bn1_n)
         h = tl.load(base_ptr + mem[:, None] * H + hid[None, :], mask=mh, other=0.0)
         x = tl.load(x_ptr + mem[:, None] * D + din[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-        b1 = tl.load(bb1_ptr + mem[:, None, None] * (D * R) + din[None, :, None] * R + rk[None, None, :],
+        b1 = tl.load(bb1_ptr + mem[:, None, None] * stride_b1_n + din[None, :, None] * stride_b1_d + rk[None, None, :],
                      mask=m3 & d_ok[None, :, None] & r3, other=0.0)  # (BN, BD, BR)
         xb = tl.sum(x[:, :, None] * b1, axis=1)  # (BN, BR)
         a1 = tl.load(a1_ptr + mem[:, None, None] * (H * R) + hid[None, :, None] * R + rk[None, None, :],
@@ -229,7 +234,7 @@ if triton is not None:
         w2 = tl.load(w2_ptr + outs[:, None] * H + hid[None, :], mask=o_ok[:, None] & h_ok[None, :], other=0.0)
         y = tl.sum(h[:, None, :] * w2[None, :, :], axis=2)  # (BN, BO)
         y += tl.load(b2_ptr + outs, mask=o_ok, other=0.0)[None, :]
-        b2 = tl.load(bb2_ptr + mem[:, None, None] * (H * R) + hid[None, :, None] * R + rk[None, None, :],
+        b2 = tl.load(bb2_ptr + mem[:, None, None] * stride_b2_n + hid[None, :, None] * stride_b2_h + rk[None, None, :],
                      mask=m3 & h_ok[None, :, None] & r3, other=0.0)  # (BN, BH, BR)
         hb = tl.sum(h[:, :, None] * b2, axis=1)  # (BN, BR)
         a2 = tl.load(a2_ptr + mem[:, None, None] * (O * R) + outs[None, :, None] * R + rk[None, None, :],
@@ -306,7 +311,8 @@ def _fused(x, layer1, layer2, activation, shared, bias_noise, config=None, base1
     xb = _project(x, B1, shared)  # (N, M, R) view
     b2 = torch.zeros(O, device=x.device, dtype=x.dtype) if b2 is None else b2.contiguous()
     bn1, bn2 = (t.contiguous() if t is not None else None for t in bias_noise)
-    A1, A2, B2, W2 = A1.contiguous(), A2.contiguous(), B2.contiguous(), W2.contiguous()
+    A1, A2, W2 = A1.contiguous(), A2.contiguous(), W2.contiguous()
+    B2 = B2 if B2.stride(2) == 1 else B2.contiguous()  # any member / hidden strides (antithetic's layout)
     out = torch.empty(N, M, O, device=x.device, dtype=x.dtype)
     BH, BO, BR = _pow2(H), _pow2(O), _pow2(R)
     tf32 = torch.backends.cuda.matmul.allow_tf32  # as torch's own matmuls
@@ -314,7 +320,7 @@ def _fused(x, layer1, layer2, activation, shared, bias_noise, config=None, base1
     pointers = (base, xb, A1, bn1 if bn1 is not None else A1, W2, b2, B2, A2, bn2 if bn2 is not None else A2, out)
     flags = dict(ACT=_ACT_CODE[activation], HAS_BN1=bn1 is not None, HAS_BN2=bn2 is not None,
                  PREC="tf32" if tf32 else "ieee", BH=BH, BO=BO, BR=BR)
-    strides = (xb.stride(0), xb.stride(1), A1.stride(0), A2.stride(0), B2.stride(0), out.stride(0))
+    strides = (xb.stride(0), xb.stride(1), A1.stride(0), A2.stride(0), B2.stride(0), B2.stride(1), out.stride(0))
     if shared and O + R <= 64:  # the base tile stays on chip while members stream through it
         grid = lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(N, meta["MEMBERS"]))  # noqa: E731
         fixed = dict(BM=32, MEMBERS=4, num_warps=4, HSPLIT=max(1, min(4, BH // 16))) if interpreted else (config or {})
@@ -341,14 +347,15 @@ def _fused_rows(x, layer1, layer2, activation, bias_noise):
     base = F.linear(x, W1, b1).contiguous()  # (N, H): one cuBLAS GEMM
     b2 = torch.zeros(O, device=x.device, dtype=x.dtype) if b2 is None else b2.contiguous()
     bn1, bn2 = (t.contiguous() if t is not None else None for t in bias_noise)
-    A1, B1, A2, B2 = A1.contiguous(), B1.contiguous(), A2.contiguous(), B2.contiguous()
+    A1, A2 = A1.contiguous(), A2.contiguous()
+    B1, B2 = (B if B.stride(2) == 1 else B.contiguous() for B in (B1, B2))  # antithetic's (in, N, r) layout as is
     out = torch.empty(N, 1, O, device=x.device, dtype=x.dtype)
     BD, BH, BO, BR = _pow2(D, 1), _pow2(H, 1), _pow2(O, 1), _pow2(R, 1)
     BN = max(1, min(16, 2048 // (BH * BR)))  # keep each (BN, BH, BR) tile near 2K values
     _mlp_rows_kernel[(triton.cdiv(N, BN),)](
         x, base, B1, A1, bn1 if bn1 is not None else A1,
         W2.contiguous(), b2, B2, A2, bn2 if bn2 is not None else A2, out,
-        N, D, H, O, R,
+        N, D, H, O, R, B1.stride(0), B1.stride(1), B2.stride(0), B2.stride(1),
         ACT=_ACT_CODE[activation], HAS_BN1=bn1 is not None, HAS_BN2=bn2 is not None,
         BN=BN, BD=BD, BH=BH, BO=BO, BR=BR, num_warps=4,
     )

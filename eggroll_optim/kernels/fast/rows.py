@@ -177,7 +177,7 @@ if triton is not None:
 
     @triton.jit
     def _rows_stored_kernel(
-        x_ptr, a_ptr, b_ptr, bias_ptr, out_ptr, D, O, R, stride_x, stride_a, stride_b, stride_out,
+        x_ptr, a_ptr, b_ptr, bias_ptr, out_ptr, D, O, R, stride_x, stride_a, stride_b, stride_bk, stride_out,
         HAS_BIAS: tl.constexpr, ACCUM: tl.constexpr, BK: tl.constexpr, BO: tl.constexpr, BR: tl.constexpr,
     ):
         """One program per member: ``out_n = (x_n B_n) A_nᵀ (+ b) (+ out_n)`` with stored factors."""
@@ -188,7 +188,8 @@ if triton is not None:
         for k0 in range(0, D, BK):
             kk = k0 + ks
             k_ok = kk < D
-            b = tl.load(b_ptr + n * stride_b + kk[:, None] * R + rs[None, :], mask=k_ok[:, None] & r_ok[None, :],
+            b = tl.load(b_ptr + n * stride_b + kk[:, None] * stride_bk + rs[None, :],
+                        mask=k_ok[:, None] & r_ok[None, :],
                         other=0.0).to(tl.float32)
             x = tl.load(x_ptr + n * stride_x + kk, mask=k_ok, other=0.0).to(tl.float32)
             s += tl.sum(x[:, None] * b, axis=0)
@@ -243,14 +244,15 @@ def rows_lowrank_delta(
         delta = torch.einsum("nr,nor->no", torch.einsum("nd,ndr->nr", x, B.to(x.dtype)), A_scaled.to(x.dtype))
         delta = delta if bias is None else delta + bias
         return delta if out is None else out.add_(delta)
-    x, A_scaled, B = x.contiguous(), A_scaled.contiguous(), B.contiguous()
+    x, A_scaled = x.contiguous(), A_scaled.contiguous()
+    B = B if B.stride(2) == 1 else B.contiguous()  # any member / input strides (antithetic's layout)
     bias = bias.contiguous() if bias is not None else None
     accum = out is not None
     out = torch.empty(N, O, device=x.device, dtype=x.dtype) if out is None else out
     BR = _pow2(R, 1)
     _rows_stored_kernel[(N,)](
         x, A_scaled, B, bias if bias is not None else x, out, D, O, R,
-        x.stride(0), A_scaled.stride(0), B.stride(0), out.stride(0),
+        x.stride(0), A_scaled.stride(0), B.stride(0), B.stride(1), out.stride(0),
         HAS_BIAS=bias is not None, ACCUM=accum, BK=_tile(BR), BO=_tile(BR), BR=BR, num_warps=4,
     )
     return out

@@ -3,13 +3,11 @@
 On CPU the kernel runs under Triton's interpreter (in a subprocess, since the interpreter is
 chosen when triton is imported); on CUDA it runs compiled (marked ``cuda``).
 """
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
+
+from interpreted import run_interpreted
 
 from eggroll_optim.kernels.fast.mlp import perturbed_mlp, perturbed_mlp_reference
 
@@ -63,10 +61,9 @@ def test_reference_is_two_perturbed_linears_in_float64():
 
 
 def test_fused_kernel_in_triton_interpreter():
-    code = textwrap.dedent(
-        f"""
-        import torch, sys
-        sys.path.insert(0, {os.path.dirname(__file__)!r})
+    run_interpreted(
+        """
+        import torch
         from test_fast_mlp import CASES, _inputs, _member_major, _relative_error
         for i, case in enumerate(CASES):
             *shape, act = case
@@ -90,12 +87,8 @@ def test_fused_kernel_in_triton_interpreter():
             assert err < 1e-5, ("feature-major B, per-member", case, err)
             err = _relative_error(x1, l1, l2, act, shared=False, bias_noise=noise)
             assert err < 1e-5, ("feature-major B, rows", case, err)
-        print("ok")
         """
     )
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
 
 
 @pytest.mark.cuda

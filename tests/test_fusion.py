@@ -3,14 +3,12 @@
 CPU: the fused path runs under Triton's interpreter in a subprocess (and the default CPU path is
 the per-layer hooks, checked in the same way); CUDA: compiled (marked ``cuda``).
 """
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 import torch.nn as nn
+
+from interpreted import run_interpreted
 
 from eggroll_optim import EggrollOptimizer
 from eggroll_optim.fusion import find_mlp_blocks
@@ -58,10 +56,8 @@ def test_per_layer_path_on_cpu_matches_dense():
 
 
 def test_fused_path_in_triton_interpreter_matches_dense():
-    code = textwrap.dedent(
-        f"""
-        import sys
-        sys.path.insert(0, {os.path.dirname(__file__)!r})
+    run_interpreted(
+        """
         import eggroll_optim.fusion as fusion
         calls = []
         kernel = fusion.perturbed_mlp
@@ -70,12 +66,8 @@ def test_fused_path_in_triton_interpreter_matches_dense():
         err = fused_vs_dense("cpu")
         assert err < 1e-5, err
         assert len(calls) == 3, calls  # the fused block ran once per model call
-        print("ok")
         """
     )
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
 
 
 @pytest.mark.cuda

@@ -4,13 +4,11 @@ On CPU the Triton kernels run under the interpreter in a subprocess (the interpr
 triton is imported); on CUDA they run compiled (marked ``cuda``).
 """
 import math
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
+
+from interpreted import run_interpreted
 
 from eggroll_optim.kernels.fast.rows import (counter_normals, counter_pair_factors, pair_stride,
                                              perturbed_linear_counter, rows_lowrank_delta)
@@ -127,10 +125,9 @@ def test_counter_rejects_odd_population():
 
 
 def test_philox_twin_matches_triton_in_interpreter():
-    code = textwrap.dedent(
-        f"""
-        import sys, torch, triton, triton.language as tl
-        sys.path.insert(0, {os.path.dirname(__file__)!r})
+    run_interpreted(
+        """
+        import torch, triton, triton.language as tl
         from eggroll_optim.kernels.fast.rows import _philox4x32
         from test_rows import check_all
 
@@ -151,12 +148,8 @@ def test_philox_twin_matches_triton_in_interpreter():
         check_all()
         from test_rows import check_linear_rows
         check_linear_rows()
-        print("ok")
         """
     )
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
 
 
 @pytest.mark.cuda

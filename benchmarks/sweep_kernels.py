@@ -14,8 +14,8 @@ import itertools
 import sys
 
 import torch
-import triton
 
+from eggroll_optim.kernels.fast._triton import triton
 from eggroll_optim.kernels.fast.mlp import _fused
 from eggroll_optim.kernels.fast.rows import launch_counter_rows, rows_lowrank_delta
 
@@ -94,6 +94,8 @@ def sweep_rows():
 
 
 if __name__ == "__main__":
+    if not torch.cuda.is_available() or triton is None:
+        sys.exit("sweep_kernels.py times the CUDA kernels: it needs a CUDA GPU and Triton")
     which = sys.argv[1:] or ["rows", "parts", "mlp"]
     if "parts" in which:
         mlp_parts()

@@ -138,3 +138,9 @@ def test_checks_poison_and_failures(capsys):
     assert exc.value.code == 1
     fl = common.floor(2e12, 1e9, {"matmul_tf32_tflops": 100.0, "copy_gbps": 1000.0}, "tf32")
     assert fl["floor_bound"] == "flops" and abs(fl["floor_ms"] - 20.0) < 1e-9
+
+
+def test_sweep_kernels_says_it_needs_a_gpu_on_cpu():
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "sweep_kernels.py")], capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert proc.returncode == 1 and "needs a CUDA GPU" in proc.stderr

@@ -60,8 +60,7 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = True
     dev, B, r = args.device, args.batch, args.rank
     budget = args.budget or (0.2 if args.quick else 1.0)
-    ceil = common.measure_ceilings(dev, args.quick)
-    torch.backends.cuda.matmul.allow_tf32 = True
+    ceil = common.measure_ceilings(dev, args.quick)  # restores the TF32 setting it changes
     common.header(args, ceil)
     checks, failures = {}, {}
     common.guard("chunked", lambda: check_chunked(args, checks), failures)

@@ -85,12 +85,12 @@ def sweep_rows():
           f" stored delta {bench(lambda: rows_lowrank_delta(x, A, B)):.4f} ms, stored delta in place "
           f"{bench(lambda: rows_lowrank_delta(x, A, B, out=C)):.4f} ms (accumulating below)", flush=True)
     results = []
-    for tile, split, w in itertools.product((2048, 4096), (1, 2), (4, 8)):
-        ms = bench(lambda: launch_counter_rows(x, None, out, 12345, 0.01, r, True, tile, split, w))
-        results.append((ms, tile, split, w))
-        print(f"rows tile {tile} split {split} warps {w}: {ms:.4f} ms", flush=True)
-    for ms, tile, split, w in sorted(results)[:3]:
-        print(f"rows best: {ms:.4f} ms tile {tile} split {split} warps {w}")
+    for tile, w in itertools.product((1024, 2048, 4096), (4, 8)):
+        ms = bench(lambda: launch_counter_rows(x, None, out, 12345, 0.01, r, True, tile, w))
+        results.append((ms, tile, w))
+        print(f"rows tile {tile} warps {w}: {ms:.4f} ms", flush=True)
+    for ms, tile, w in sorted(results)[:3]:
+        print(f"rows best: {ms:.4f} ms tile {tile} warps {w}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import torch
 
 from .convert import make_perturbed_forward_fn
 from .kernels import es_gradient, lowrank_linear_delta, perturbed_conv, perturbed_linear
-from .noise import antithetic, draw_pair_factors
+from .noise import antithetic, antithetic_pairs, draw_pair_factors
 from .shaping import check_fitness, zscore
 
 __all__ = [
@@ -131,13 +131,13 @@ def generate_perturbations(
     generator: torch.Generator | None,
     dtype: torch.dtype = torch.float32,
 ) -> Perturbations:
-    """``{name: (A_scaled, B)}`` for every shape, drawn in order from ``generator``."""
+    """``{name: (A_scaled, B)}`` for every shape, drawn in order from ``generator`` (the same numbers
+    as ``generate_lowrank_perturbations`` shape by shape)."""
+    validate_hyperparameters(population_size, rank, sigma, 0.0)
     perts = {}
     for name, (out_dim, in_dim) in shapes.items():
-        A_scaled, _, B = generate_lowrank_perturbations(
-            population_size, out_dim, in_dim, rank, sigma, generator, dtype
-        )
-        perts[name] = (A_scaled, B)
+        A, B = draw_pair_factors(population_size // 2, out_dim, in_dim, rank, generator, dtype)
+        perts[name] = antithetic_pairs(A, B, sigma, rank)
     return perts
 
 

@@ -19,6 +19,7 @@ import torch
 __all__ = [
     "DEFAULT_BLOCK_PAIRS",
     "antithetic",
+    "antithetic_pairs",
     "draw_pair_factors",
     "keyed_pair_factors",
     "keyed_pair_normals",
@@ -70,27 +71,35 @@ def draw_pair_factors(
     return A, B
 
 
+def antithetic_pairs(
+    A: torch.Tensor, B: torch.Tensor, sigma: float, rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Interleave pair factors into a population: ``(A_scaled, B)`` of ``antithetic``, without ``A_signed``.
+
+    ``A (P, m, r)`` -> ``A_scaled (2P, m, r)`` = ``s_i * sigma / sqrt(r) * A`` with
+    ``s = (+1, -1, +1, -1, ...)``; ``B (P, n, r)`` -> ``(2P, n, r)``, a view of an ``(n, 2P, r)``
+    buffer: ``B.permute(1, 0, 2).reshape(n, 2P * r)`` is then free, which is how the shared-input
+    projection ``x @ B`` and the gradient GEMM read it.
+    """
+    A_scaled = torch.stack((A, -A), dim=1).flatten(0, 1).mul_(sigma / math.sqrt(rank))
+    return A_scaled, _pair_rows(B)
+
+
 def antithetic(
     A: torch.Tensor, B: torch.Tensor, sigma: float, rank: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Interleave pair factors into a population.
-
-    Args:
-        A: ``(P, m, r)`` unscaled pair factors.
-        B: ``(P, n, r)`` pair factors.
-    Returns:
-        ``A_scaled (2P, m, r)`` = ``s_i * sigma / sqrt(r) * A``, ``A_signed (2P, m, r)`` = ``s_i * A``,
-        ``B (2P, n, r)``, with ``s = (+1, -1, +1, -1, ...)``. ``B`` is a view of an ``(n, 2P, r)``
-        buffer: ``B.permute(1, 0, 2).reshape(n, 2P * r)`` is then free, which is how the shared-input
-        projection ``x @ B`` and the gradient GEMM read it.
-    """
+    """``antithetic_pairs`` plus ``A_signed (2P, m, r)`` = ``s_i * A`` (the seed API returns it):
+    ``(A_scaled, A_signed, B)``."""
     A_signed = torch.stack((A, -A), dim=1).flatten(0, 1)  # (2P, m, r)
+    return A_signed * (sigma / math.sqrt(rank)), A_signed, _pair_rows(B)
+
+
+def _pair_rows(B: torch.Tensor) -> torch.Tensor:
+    """``B (P, n, r)`` -> ``(2P, n, r)`` with members ``2k`` and ``2k + 1`` sharing ``B_k``, stored ``(n, 2P, r)``."""
     P, n, r = B.shape
     B_pop = B.new_empty(n, P, 2, r)
     B_pop.copy_(B.permute(1, 0, 2).unsqueeze(2).expand(n, P, 2, r))
-    B_pop = B_pop.view(n, 2 * P, r).permute(1, 0, 2)  # (2P, n, r), members 2k and 2k+1 share B_k
-    A_scaled = A_signed * (sigma / math.sqrt(rank))
-    return A_scaled, A_signed, B_pop
+    return B_pop.view(n, 2 * P, r).permute(1, 0, 2)
 
 
 def keyed_pair_normals(

@@ -10,7 +10,7 @@ import torch
 
 from .hooks import IDLE, Chunk, Switch
 from .kernels import fullrank_gradient_sum, lowrank_gradient_sum
-from .noise import antithetic, keyed_pair_normals, noise_dtype, noise_key
+from .noise import antithetic_pairs, keyed_pair_normals, noise_dtype, noise_key
 
 __all__ = ["Population", "PopulationNoise"]
 
@@ -44,7 +44,7 @@ class PopulationNoise:
                 cache=self._blocks if reuse_blocks else None,
             )
             if lowrank:
-                A_scaled, _, B = antithetic(draws[0], draws[1], sigma, rank)
+                A_scaled, B = antithetic_pairs(draws[0], draws[1], sigma, rank)
                 if zero_row is not None:  # e.g. an embedding's padding_idx: never perturbed, never updated
                     A_scaled[:, zero_row] = 0
                 noise[p] = (A_scaled, B)

@@ -42,7 +42,7 @@ def run_quick(script: str, tmp_path, last: str, *extra: str) -> tuple[dict, str]
 def test_microbench_quick(tmp_path):
     data, out = run_quick("bench_microbench", tmp_path, "openes_fly")
     variants = {r["variant"] for r in data["rows"]}
-    assert variants == {"inference", "pregen_kernel", "pregen_accum", "pregen_ops", "fly_counter",
+    assert variants == {"inference", "pregen_kernel", "pregen_ops", "fly_counter",
                         "fly_counter_accum", "fly_randn", "fly_generate", "fly_keyed", "openes_stored",
                         "openes_stored_nomat", "openes_fly"}
     for r in data["rows"]:

@@ -245,3 +245,12 @@ def test_classification_fitness_and_losses():
     target = torch.randn(6, 3, generator=g, dtype=torch.float64)
     mse = torch.stack([F.mse_loss(logits[i], target) for i in range(4)])
     torch.testing.assert_close(per_member_mse(logits, target), mse, rtol=1e-14, atol=1e-14)
+
+
+def test_generate_perturbations_draws_what_generate_lowrank_perturbations_draws():
+    shapes = {"a": (5, 3), "b": (2, 5)}
+    perts = generate_perturbations(shapes, 6, 2, 0.4, torch.Generator().manual_seed(9))
+    g = torch.Generator().manual_seed(9)
+    for name, (m, n) in shapes.items():  # the same generator, shape by shape, in order
+        A_scaled, _, B = generate_lowrank_perturbations(6, m, n, 2, 0.4, g)
+        assert torch.equal(perts[name][0], A_scaled) and torch.equal(perts[name][1], B), name

@@ -27,20 +27,25 @@ def test_skip_leaves_the_weights_bitwise_on_nonfinite_fitness(bad):
         assert torch.equal(params[k], before[k]), k
 
 
+def _two_copies():
+    """The same parameters twice (to step them two ways) and the perturbations."""
+    _, params, perts = _setup()
+    return params, {k: v.clone() for k, v in params.items()}, perts
+
+
 def test_skip_equals_raise_on_finite_fitness():
-    _, p1, perts = _setup()
-    _, p2, _ = _setup()
+    p1, p2, perts = _two_copies()
+    before = {k: v.clone() for k, v in p1.items()}
     fitness = torch.randn(8)
     eggroll_step(p1, fitness, perts, 0.5, 0.1)
     eggroll_step(p2, fitness, perts, 0.5, 0.1, nan_policy="skip")
-    assert any(not torch.equal(p1[k], get_params_dict(_setup()[0])[k]) for k in p1)  # the step moved something
+    assert any(not torch.equal(p1[k], before[k]) for k in p1)  # the step moved something
     for k in p1:
         assert torch.equal(p1[k], p2[k]), k
 
 
 def test_worst_ranks_nonfinite_members_last_and_raise_raises():
-    _, p1, perts = _setup()
-    _, p2, _ = _setup()
+    p1, p2, perts = _two_copies()
     fitness = torch.randn(8)
     bad = fitness.clone()
     bad[5] = float("nan")

@@ -163,3 +163,14 @@ def test_block_cache_serves_consecutive_slices_with_the_same_numbers():
         assert all(torch.equal(a, b) for a, b in zip(cached, fresh))
         draws.append(cache[7][0])
     assert draws == [0, 0, 0, 0, 1, 1] and len(cache) == 1  # one block held per key, reused while it lasts
+
+
+def test_antithetic_pairs_is_antithetic_without_the_signed_copy():
+    from eggroll_optim.noise import antithetic, antithetic_pairs
+
+    g = torch.Generator().manual_seed(4)
+    A, B = torch.randn(3, 5, 2, generator=g), torch.randn(3, 7, 2, generator=g)
+    A_scaled, A_signed, B_pop = antithetic(A, B, 0.3, 2)
+    A2, B2 = antithetic_pairs(A, B, 0.3, 2)
+    assert torch.equal(A2, A_scaled) and torch.equal(B2, B_pop)
+    assert torch.equal(A_signed[1::2], -A) and torch.equal(B_pop[0::2], B) and torch.equal(B_pop[1::2], B)

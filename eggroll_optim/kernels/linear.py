@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .checks import check_factors
+from .fast.rows import fused_rows_available, rows_lowrank_delta
 from .population import split_shared
 
 __all__ = ["lowrank_linear_add", "lowrank_linear_delta", "perturbed_linear"]
@@ -124,8 +125,6 @@ def perturbed_linear(
     M = x3.shape[1]
     At = A_scaled.transpose(1, 2)  # (N, r, out)
     if M == 1:
-        from .fast.rows import fused_rows_available, rows_lowrank_delta  # here: fast.mlp imports this module
-
         if fused_rows_available(x3, weight, bias, A_scaled, B):  # x Wᵀ + b by cuBLAS, then the term in place
             x2 = x3.reshape(N, in_dim)
             return rows_lowrank_delta(x2, A_scaled, B, out=F.linear(x2, weight, bias)).view(N, *batch, out_dim)

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..linear import perturbed_linear
+from .. import linear  # a module reference: linear imports fast.rows, which imports this package
 
 from ._triton import interpreted as _interpreted
 from ._triton import pow2 as _pow2
@@ -49,9 +49,9 @@ def perturbed_mlp_reference(x, layer1, layer2, activation="tanh", shared=True, b
     ``(N, M, in)`` -> ``(N, M, out)``; ``bias_noise`` optional ``(N, hidden)``, ``(N, out)``."""
     W1, b1, A1, B1 = layer1
     W2, b2, A2, B2 = layer2
-    h = _with_noise(perturbed_linear(x, W1, b1, A1, B1, shared=shared), bias_noise[0])
+    h = _with_noise(linear.perturbed_linear(x, W1, b1, A1, B1, shared=shared), bias_noise[0])
     h = ACTIVATIONS[activation](h)
-    return _with_noise(perturbed_linear(h, W2, b2, A2, B2, shared=False), bias_noise[1])
+    return _with_noise(linear.perturbed_linear(h, W2, b2, A2, B2, shared=False), bias_noise[1])
 
 
 if triton is not None:
@@ -225,11 +225,7 @@ if triton is not None:
         h += tl.sum(xb[:, None, :] * a1, axis=2)
         if HAS_BN1:
             h += tl.load(bn1_ptr + mem[:, None] * H + hid[None, :], mask=mh, other=0.0)
-        if ACT == 1:
-            h = 1.0 - 2.0 / (tl.exp(2.0 * h) + 1.0)
-        elif ACT == 2:
-            h = tl.maximum(h, 0.0)
-        h = tl.where(mh, h, 0.0)
+        h = tl.where(mh, _activate(h, ACT, False), 0.0)
         # layer 2: y = h W2ᵀ + b2 + Σ_r (h B2_n)_r A2_n[:, r] + bn2_n
         w2 = tl.load(w2_ptr + outs[:, None] * H + hid[None, :], mask=o_ok[:, None] & h_ok[None, :], other=0.0)
         y = tl.sum(h[:, None, :] * w2[None, :, :], axis=2)  # (BN, BO)

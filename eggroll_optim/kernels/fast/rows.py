@@ -133,12 +133,11 @@ if triton is not None:
 
     @triton.jit
     def _rows_counter_kernel(
-        x_ptr, bias_ptr, out_ptr, seed, scale, D, O, stride_x, stride_out, pair_len, b_off, o_chunk,
+        x_ptr, bias_ptr, out_ptr, seed, scale, D, O, stride_x, stride_out, pair_len, b_off,
         R: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUM: tl.constexpr, BK: tl.constexpr, BO: tl.constexpr,
         FAST: tl.constexpr,
     ):
-        """Program ``(p, j)``: members ``2p`` (+A_p) and ``2p + 1`` (-A_p), outputs
-        ``[j * o_chunk, (j + 1) * o_chunk)`` (``o_chunk`` a multiple of ``BO``)."""
+        """One program per antithetic pair: members ``2p`` (+A_p) and ``2p + 1`` (-A_p)."""
         p = tl.program_id(0).to(tl.int64)  # 64-bit offsets: N * D can pass 2^31
         m0, m1 = 2 * p, 2 * p + 1
         base = p * pair_len
@@ -156,8 +155,7 @@ if triton is not None:
             s1 += tl.sum(x1[:, None] * b, axis=0)
         s0 = s0 * scale
         s1 = s1 * -scale
-        o_lo = tl.program_id(1) * o_chunk
-        for o0 in range(o_lo, tl.minimum(o_lo + o_chunk, O), BO):
+        for o0 in range(0, O, BO):
             oo = o0 + os_
             o_ok = oo < O
             a = tl.reshape(_stream_tile(seed, base + o0 * R, BO * R // 4, FAST), (BO, R))
@@ -293,17 +291,15 @@ def perturbed_linear_counter(
     return out if accumulate else torch.addmm(out, x, weight.t())
 
 
-def launch_counter_rows(x, bias, out, seed, scale, rank, accumulate, tile=None, split=None, num_warps=None):
-    """Launch the counter kernel on ``x (N, in)`` into ``out (N, out)``; the tile (values per step),
-    the output split (programs per pair) and the warps default to the measured best."""
+def launch_counter_rows(x, bias, out, seed, scale, rank, accumulate, tile=None, num_warps=4):
+    """Launch the counter kernel on ``x (N, in)`` into ``out (N, out)``; ``tile`` (noise values a step,
+    default ~2K) and ``num_warps`` are what ``benchmarks/sweep_kernels.py`` varies."""
     N, D = x.shape
     O = out.shape[1]
     BK = BO = tile // rank if tile else _tile(rank)
-    split = split or 1
-    o_chunk = triton.cdiv(triton.cdiv(O, split), BO) * BO
-    _rows_counter_kernel[(N // 2, triton.cdiv(O, o_chunk))](
+    _rows_counter_kernel[(N // 2,)](
         x, bias if bias is not None else x, out, int(seed), scale, D, O, x.stride(0), out.stride(0),
-        pair_stride(O, D, rank), _pad4(O * rank), o_chunk,
+        pair_stride(O, D, rank), _pad4(O * rank),
         R=rank, HAS_BIAS=bias is not None, ACCUM=accumulate, BK=BK, BO=BO, FAST=not _interpreted(),
-        num_warps=num_warps or 4,
+        num_warps=num_warps,
     )

@@ -1,7 +1,8 @@
 """Sweep the launch configurations of the fused kernels on the paper's shapes (GPU); prints ms per config.
 
   mlp    the shared-input MLP kernel (``kernels.fast.mlp``) on the MNIST step's shapes:
-         x (256, 784), 784-256(tanh)-10, N=4096, rank 4, TF32; whole ``_fused`` call (base and x B1 GEMMs included)
+         x (256, 784), 784-256(tanh)-10, N=4096, rank 4, TF32; whole ``_fused`` call (base and x B1 GEMMs
+         included); tiles, register caps, float16 second layer (h16) or TF32
   parts  the GEMMs around the MLP kernel: x W1ᵀ + b1, and x B1 (a copy of B1, then cuBLAS)
   rows   the counter-noise rows kernel (``kernels.fast.rows``) alone on the microbenchmark's shapes:
          x (1024, 8192) bf16, rank 1; next to ``x @ W.T`` and ``addmm`` for scale
@@ -35,27 +36,26 @@ def sweep_mlp():
     x = rnd(M, D)
     l1 = (rnd(H, D, s=0.03), rnd(H), rnd(N, H, R, s=0.01), rnd(N, D, R))
     l2 = (rnd(O, H, s=0.06), rnd(O), rnd(N, O, R, s=0.01), rnd(N, H, R))
-    ref = _fused(x, l1, l2, "tanh", True, (None, None), config=dict(BM=32, MEMBERS=8, num_warps=4, HSPLIT=1))
+    ref = _fused(x, l1, l2, "tanh", True, (None, None), config=dict(BM=32, MEMBERS=8, num_warps=4, HC=32), h16=False)
     results = []
-    shapes = ((64, 32, 4, 1), (64, 64, 4, 1), (32, 32, 4, 1), (32, 32, 2, 1), (64, 32, 8, 1), (128, 32, 8, 1),
-              (64, 32, 4, 2), (32, 64, 2, 2))
-    for (bm, mem, w, st), hsplit, base16 in itertools.product(shapes, (2, 4), (True,)):
-        cfg = dict(BM=bm, MEMBERS=mem, num_warps=w, num_stages=st, HSPLIT=hsplit)
+    shapes = ((64, 8, 64, 4), (64, 16, 64, 4), (64, 32, 64, 4), (64, 8, 32, 4), (128, 16, 64, 8), (32, 16, 32, 4))
+    for (bm, mem, hc, w), reg, h16 in itertools.product(shapes, (None, 80, 96, 112, 128), (True, False)):
+        cfg = dict(BM=bm, MEMBERS=mem, HC=hc, num_warps=w, num_stages=1, **({"maxnreg": reg} if reg else {}))
         try:
-            out = _fused(x, l1, l2, "tanh", True, (None, None), config=cfg, base16=base16)
+            out = _fused(x, l1, l2, "tanh", True, (None, None), config=cfg, h16=h16)
             err = ((out - ref).norm() / ref.norm()).item()
-            ms = bench(lambda: _fused(x, l1, l2, "tanh", True, (None, None), config=cfg, base16=base16))
+            ms = bench(lambda: _fused(x, l1, l2, "tanh", True, (None, None), config=cfg, h16=h16))
         except Exception as exc:  # noqa: BLE001 - a config that does not fit is reported, not fatal
-            print(f"mlp {cfg} base16 {base16}: failed {type(exc).__name__}: {str(exc)[:80]}", flush=True)
+            print(f"mlp {cfg} h16 {h16}: failed {type(exc).__name__}: {str(exc)[:80]}", flush=True)
             continue
-        results.append((ms, cfg, err, base16))
-        print(f"mlp {cfg} base16 {base16}: {ms:.4f} ms (rel. diff {err:.1e})", flush=True)
-    _, cfg, _, base16 = min(results, key=lambda t: t[0])
+        results.append((ms, cfg, err, h16))
+        print(f"mlp {cfg} h16 {h16}: {ms:.4f} ms (rel. diff {err:.1e})", flush=True)
+    _, cfg, _, h16 = min(results, key=lambda t: t[0])
     for act in ("identity", "relu"):
-        ms = bench(lambda: _fused(x, l1, l2, act, True, (None, None), config=cfg, base16=base16))
+        ms = bench(lambda: _fused(x, l1, l2, act, True, (None, None), config=cfg, h16=h16))
         print(f"mlp best config with {act}: {ms:.4f} ms")
-    for ms, cfg, err, b16 in sorted(results, key=lambda t: t[0])[:6]:
-        print(f"mlp best: {ms:.4f} ms {cfg} base16 {b16} (rel. diff {err:.1e})")
+    for ms, cfg, err, h in sorted(results, key=lambda t: t[0])[:6]:
+        print(f"mlp best: {ms:.4f} ms {cfg} h16 {h} (rel. diff {err:.1e})")
     print(f"mlp autotuned: {bench(lambda: _fused(x, l1, l2, 'tanh', True, (None, None))):.4f} ms")
 
 

@@ -110,6 +110,25 @@ def test_fused_kernel_on_cuda(case):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("case", [c for c in CASES if c[-1] == "tanh"] + [(256, 784, 256, 10, 64, 4, "tanh")])
+def test_fused_kernel_under_tf32_on_cuda(case):
+    """TF32 on: a tanh block takes its tanh and second layer in float16 (``tanh.approx.f16x2``)."""
+    *shape, act = case
+    x, l1, l2 = _inputs(*shape, seed=9, device="cuda")
+    M, D, H, O, N, R = shape
+    noise = (torch.randn(N, H, device="cuda"), torch.randn(N, O, device="cuda"))
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        assert _relative_error(x, l1, l2, act) < 5e-3
+        assert _relative_error(x, l1, l2, act, bias_noise=noise) < 5e-3
+        big = (l1[0], l1[1] * 1e6, l1[2], l1[3])  # pre-activations past float16's range: tanh is still ±1
+        assert _relative_error(x, big, l2, act) < 5e-3
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.cuda
 def test_make_perturbed_forward_fn_uses_the_fused_path_on_cuda():
     import torch.nn as nn
 

@@ -111,31 +111,10 @@ if triton is not None:
 
 
     @triton.jit
-    def _base_chunk(base_ptr, w2_ptr, rows, row_ok, cols, out_col, hid, H, BASE16: tl.constexpr):
-        """One hidden chunk's resident tiles: ``base (BM, chunk)`` (float16 with ``BASE16``), ``W2ᵀ (chunk, BC)``."""
-        ok = hid < H
-        base = tl.load(base_ptr + rows[:, None] * H + hid[None, :], mask=row_ok[:, None] & ok[None, :], other=0.0)
-        w2t = tl.load(w2_ptr + cols[None, :] * H + hid[:, None], mask=ok[:, None] & out_col[None, :], other=0.0)
-        if BASE16:
-            base = base.to(tl.float16)
-        return base, w2t, hid, ok
-
-    @triton.jit
-    def _hidden_chunk(z, base, w2t, xb, n, hid, hid_ok, cols, noise_col, rk, r_ok, a1_ptr, bn1_ptr, bb2_ptr,
-                      stride_a1_n, stride_bb2_n, stride_bb2_h, H, O, R, ACT: tl.constexpr, FAST_TANH: tl.constexpr,
-                      HAS_BN1: tl.constexpr, PREC: tl.constexpr, MASK_H: tl.constexpr):
-        """``z + act(base + (x B1_n) A1_nᵀ + bn1_n) [W2ᵀ | B2_n]`` over the hidden units ``hid``."""
-        a1t = tl.load(a1_ptr + n * stride_a1_n + hid[None, :] * R + rk[:, None],
-                      mask=r_ok[:, None] & hid_ok[None, :], other=0.0)  # (BR, chunk)
-        h = tl.dot(xb, a1t, acc=base.to(tl.float32), input_precision=PREC)
-        if HAS_BN1:
-            h += tl.load(bn1_ptr + n * H + hid, mask=hid_ok, other=0.0)[None, :]
-        h = _activate(h, ACT, FAST_TANH)
-        if MASK_H:
-            h = tl.where(hid_ok[None, :], h, 0.0)
-        b2n = tl.load(bb2_ptr + n * stride_bb2_n + hid[:, None] * stride_bb2_h + (cols[None, :] - O),
-                      mask=hid_ok[:, None] & noise_col[None, :], other=0.0)  # (chunk, BC): B2_n in O..O+R-1
-        return tl.dot(h, w2t + b2n, acc=z, input_precision=PREC)
+    def _tanh_f16x2(h):
+        """tanh of a float16 tensor, two values per MUFU op (``tanh.approx.f16x2``)."""
+        return tl.inline_asm_elementwise("tanh.approx.f16x2 $0, $1;", "=r,r", [h], dtype=tl.float16, is_pure=True,
+                                         pack=2)
 
     @triton.jit
     def _mlp_shared_kernel(
@@ -143,58 +122,55 @@ if triton is not None:
         N, M, H, O, R,
         stride_xb_n, stride_xb_m, stride_a1_n, stride_a2_n, stride_bb2_n, stride_bb2_h, stride_out_n,
         ACT: tl.constexpr, HAS_BN1: tl.constexpr, HAS_BN2: tl.constexpr, PREC: tl.constexpr,
-        FAST_TANH: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr,
-        MEMBERS: tl.constexpr, HSPLIT: tl.constexpr, BASE16: tl.constexpr,
+        FAST_TANH: tl.constexpr, BM: tl.constexpr, HC: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr,
+        MEMBERS: tl.constexpr, H16: tl.constexpr,
     ):
-        """Shared input: a program keeps ``BM`` rows of ``x W1ᵀ + b1`` and ``W2ᵀ`` on chip and runs
-        ``MEMBERS`` members through them, so the shared base is read once per program, not per member.
+        """Shared input: a program takes ``BM`` rows and runs ``MEMBERS`` members through them, the hidden
+        units ``HC`` at a time; the shared ``x W1ᵀ + b1`` rows are re-read per chunk (from L1/L2: they
+        are ``M x H`` values for the whole population), so little stays live and many programs fit.
 
         Layer 2 is one GEMM against ``[W2ᵀ | B2_n]`` (``BC >= O + R`` columns): ``z = h [W2ᵀ | B2_n]``
         holds ``h W2ᵀ`` in columns ``< O`` and ``h B2_n`` in ``O..O+R-1``; then
         ``y = z + z S_n`` with ``S_n`` placing ``A2_nᵀ`` in rows ``O..O+R-1``, columns ``< O``.
         A non-finite ``h W2ᵀ`` entry spreads NaN over its row's outputs (``z S_n``): a member's fitness
         turns NaN either way.
-        ``HSPLIT`` (1, 2 or 4) runs the hidden units in that many chunks (fewer live activations); ``BASE16`` keeps
-        the base in float16 (half its registers; only for tanh under TF32, whose inputs carry the same
-        10-bit mantissa, and where an overflow to inf still gives tanh = ±1).
+        ``H16`` (tanh under TF32 only): the activation is ``tanh.approx.f16x2`` on float16 inputs and
+        layer 2 multiplies float16 operands (accumulating in float32): the 10-bit mantissa of TF32, half
+        the MUFU work. A pre-activation beyond ±65504 becomes ±inf, whose tanh is still ±1; a weight of
+        ``W2`` beyond ±65504 would overflow (the member's outputs turn non-finite, not silently wrong).
         """
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         cols, rk = tl.arange(0, BC), tl.arange(0, BR)
         row_ok, r_ok = rows < M, rk < R
         out_col, noise_col = cols < O, (cols >= O) & (cols < O + R)
-        hid0 = tl.arange(0, BH // HSPLIT)  # hidden chunk c is hid0 + c * BH // HSPLIT
-        base0, w2t0, hid0, ok0 = _base_chunk(base_ptr, w2_ptr, rows, row_ok, cols, out_col, hid0, H, BASE16)
-        if HSPLIT > 1:
-            base1, w2t1, hid1, ok1 = _base_chunk(base_ptr, w2_ptr, rows, row_ok, cols, out_col, hid0 + BH // HSPLIT,
-                                                 H, BASE16)
-        if HSPLIT > 2:
-            base2, w2t2, hid2, ok2 = _base_chunk(base_ptr, w2_ptr, rows, row_ok, cols, out_col,
-                                                 hid0 + 2 * (BH // HSPLIT), H, BASE16)
-            base3, w2t3, hid3, ok3 = _base_chunk(base_ptr, w2_ptr, rows, row_ok, cols, out_col,
-                                                 hid0 + 3 * (BH // HSPLIT), H, BASE16)
         b2 = tl.load(b2_ptr + cols, mask=out_col, other=0.0)
         n_lo = tl.program_id(1) * MEMBERS
         for n32 in range(n_lo, tl.minimum(n_lo + MEMBERS, N)):
             n = tl.cast(n32, tl.int64)  # 64-bit offsets: N * M * O can pass 2^31
-            s2 = tl.load(a2_ptr + n * stride_a2_n + cols[None, :] * R + (cols[:, None] - O),
-                         mask=noise_col[:, None] & out_col[None, :], other=0.0)  # (BC, BC)
             xb = tl.load(xb_ptr + n * stride_xb_n + rows[:, None] * stride_xb_m + rk[None, :],
                          mask=row_ok[:, None] & r_ok[None, :], other=0.0)  # (BM, BR)
             z = tl.zeros((BM, BC), dtype=tl.float32)
-            z = _hidden_chunk(z, base0, w2t0, xb, n, hid0, ok0, cols, noise_col, rk, r_ok, a1_ptr, bn1_ptr, bb2_ptr,
-                              stride_a1_n, stride_bb2_n, stride_bb2_h, H, O, R, ACT, FAST_TANH, HAS_BN1, PREC,
-                              BH != H)
-            if HSPLIT > 1:
-                z = _hidden_chunk(z, base1, w2t1, xb, n, hid1, ok1, cols, noise_col, rk, r_ok, a1_ptr, bn1_ptr,
-                                  bb2_ptr, stride_a1_n, stride_bb2_n, stride_bb2_h, H, O, R, ACT, FAST_TANH,
-                                  HAS_BN1, PREC, BH != H)
-            if HSPLIT > 2:
-                z = _hidden_chunk(z, base2, w2t2, xb, n, hid2, ok2, cols, noise_col, rk, r_ok, a1_ptr, bn1_ptr,
-                                  bb2_ptr, stride_a1_n, stride_bb2_n, stride_bb2_h, H, O, R, ACT, FAST_TANH,
-                                  HAS_BN1, PREC, BH != H)
-                z = _hidden_chunk(z, base3, w2t3, xb, n, hid3, ok3, cols, noise_col, rk, r_ok, a1_ptr, bn1_ptr,
-                                  bb2_ptr, stride_a1_n, stride_bb2_n, stride_bb2_h, H, O, R, ACT, FAST_TANH,
-                                  HAS_BN1, PREC, BH != H)
+            for h0 in range(0, H, HC):
+                # masked hidden units (>= H) get h = act(0) = 0 and zero rows of [W2ᵀ | B2_n]
+                hid = h0 + tl.arange(0, HC)
+                hid_ok = hid < H
+                h = tl.load(base_ptr + rows[:, None] * H + hid[None, :], mask=row_ok[:, None] & hid_ok[None, :],
+                            other=0.0)
+                a1t = tl.load(a1_ptr + n * stride_a1_n + hid[None, :] * R + rk[:, None],
+                              mask=r_ok[:, None] & hid_ok[None, :], other=0.0)  # (BR, HC)
+                h = tl.dot(xb, a1t, acc=h, input_precision=PREC)
+                if HAS_BN1:
+                    h += tl.load(bn1_ptr + n * H + hid, mask=hid_ok, other=0.0)[None, :]
+                w = tl.load(w2_ptr + cols[None, :] * H + hid[:, None], mask=hid_ok[:, None] & out_col[None, :],
+                            other=0.0)
+                w += tl.load(bb2_ptr + n * stride_bb2_n + hid[:, None] * stride_bb2_h + (cols[None, :] - O),
+                             mask=hid_ok[:, None] & noise_col[None, :], other=0.0)  # (HC, BC): [W2ᵀ | B2_n]
+                if H16:
+                    z = tl.dot(_tanh_f16x2(h.to(tl.float16)), w.to(tl.float16), acc=z)
+                else:
+                    z = tl.dot(_activate(h, ACT, FAST_TANH), w, acc=z, input_precision=PREC)
+            s2 = tl.load(a2_ptr + n * stride_a2_n + cols[None, :] * R + (cols[:, None] - O),
+                         mask=noise_col[:, None] & out_col[None, :], other=0.0)  # (BC, BC)
             y = tl.dot(z, s2, acc=z, input_precision=PREC) + b2[None, :]
             if HAS_BN2:
                 y += tl.load(bn2_ptr + n * O + cols, mask=out_col, other=0.0)[None, :]
@@ -241,22 +217,30 @@ if triton is not None:
         tl.store(out_ptr + mem[:, None] * O + outs[None, :], y, mask=m_ok[:, None] & o_ok[None, :])
 
 
-    def _whole_chunks(configs, named_args, **kwargs):
-        """Keep the configs whose hidden chunks are at least 16 wide (``tl.dot``'s smallest K)."""
-        bh = kwargs.get("BH", named_args.get("BH"))
-        return [c for c in configs if bh // c.kwargs["HSPLIT"] >= 16]
+    def _fit_chunks(configs, named_args, **kwargs):
+        """Hidden chunks no wider than the layer (and at least 16, ``tl.dot``'s smallest K); duplicates dropped."""
+        cap = _pow2(named_args["H"])
+        seen, kept = set(), []
+        for c in configs:
+            kw = dict(c.kwargs, HC=min(c.kwargs["HC"], cap))
+            sig = (tuple(sorted(kw.items())), c.num_warps, c.num_stages, c.maxnreg)
+            if sig not in seen:
+                seen.add(sig)
+                kept.append(triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=c.maxnreg))
+        return kept
 
-    # rows per program, members per program, hidden chunks and warps chosen per shape on the GPU: the
-    # best few of benchmarks/sweep_kernels.py on the MNIST step (H200; their order changes between
-    # cards), and small tiles for small batches
+    # rows, members and hidden units per program, warps and a register cap, chosen per shape on the GPU:
+    # the best few of benchmarks/sweep_kernels.py on the MNIST step (H200). The cap matters most: at
+    # 112-128 registers four programs share an SM (the uncapped kernel takes 255 and runs two), which
+    # hides the loads of one member behind another's math. BM=32 serves small batches.
     _mlp_shared_kernel_tuned = triton.autotune(
         configs=[
-            triton.Config({"BM": bm, "MEMBERS": mem, "HSPLIT": hs}, num_warps=w, num_stages=st)
-            for bm, mem, hs, w, st in ((64, 64, 2, 4, 1), (64, 32, 2, 4, 1), (128, 32, 2, 8, 1), (128, 32, 1, 8, 3),
-                                       (64, 16, 1, 4, 1), (32, 16, 1, 4, 1))
+            triton.Config({"BM": bm, "MEMBERS": mem, "HC": hc}, num_warps=w, num_stages=1, maxnreg=reg)
+            for bm, mem, hc, w, reg in ((64, 8, 64, 4, 128), (64, 16, 64, 4, 112), (64, 32, 64, 4, 128),
+                                        (64, 8, 32, 4, 80), (128, 16, 64, 8, 112), (32, 16, 32, 4, None))
         ],
-        key=["N", "M", "H", "O", "R", "BASE16"],
-        prune_configs_by={"early_config_prune": _whole_chunks},
+        key=["N", "M", "H", "O", "R", "H16"],
+        prune_configs_by={"early_config_prune": _fit_chunks},
     )(_mlp_shared_kernel)
 
     # tile height and warps chosen per shape on the GPU (the interpreter runs one fixed config)
@@ -298,7 +282,7 @@ def _project(x, B, shared):
     return torch.bmm(x, B)
 
 
-def _fused(x, layer1, layer2, activation, shared, bias_noise, config=None, base16=True):
+def _fused(x, layer1, layer2, activation, shared, bias_noise, config=None, h16=True):
     W1, b1, A1, B1 = layer1
     W2, b2, A2, B2 = layer2
     N, H, R = A1.shape
@@ -317,14 +301,15 @@ def _fused(x, layer1, layer2, activation, shared, bias_noise, config=None, base1
     flags = dict(ACT=_ACT_CODE[activation], HAS_BN1=bn1 is not None, HAS_BN2=bn2 is not None,
                  PREC="tf32" if tf32 else "ieee", BH=BH, BO=BO, BR=BR)
     strides = (xb.stride(0), xb.stride(1), A1.stride(0), A2.stride(0), B2.stride(0), B2.stride(1), out.stride(0))
-    if shared and O + R <= 64:  # the base tile stays on chip while members stream through it
+    if shared and O + R <= 64:  # members stream through a program's rows; its outputs are one tile
         grid = lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(N, meta["MEMBERS"]))  # noqa: E731
-        fixed = dict(BM=32, MEMBERS=4, num_warps=4, HSPLIT=max(1, min(4, BH // 16))) if interpreted else (config or {})
-        flags.pop("BO")
+        fixed = dict(BM=32, MEMBERS=4, num_warps=4, HC=min(32, BH)) if interpreted else (config or {})
+        for k in ("BH", "BO"):
+            flags.pop(k)
         fast_tanh = tf32 and activation == "tanh" and not interpreted
         (_mlp_shared_kernel if fixed else _mlp_shared_kernel_tuned)[grid](
-            *pointers, N, M, H, O, R, *strides, FAST_TANH=fast_tanh, BC=_pow2(O + R),
-            BASE16=fast_tanh and base16, **flags, **fixed)
+            *pointers, N, M, H, O, R, *strides, FAST_TANH=fast_tanh, BC=_pow2(O + R), H16=fast_tanh and h16,
+            **flags, **fixed)
         return out
     grid = lambda meta: (N, triton.cdiv(M, meta["BM"]))  # noqa: E731
     fixed = dict(BM=32, num_warps=4) if interpreted else {}

@@ -123,12 +123,14 @@ if triton is not None:
         stride_xb_n, stride_xb_m, stride_a1_n, stride_a2_n, stride_bb2_n, stride_bb2_h, stride_out_n,
         ACT: tl.constexpr, HAS_BN1: tl.constexpr, HAS_BN2: tl.constexpr, PREC: tl.constexpr,
         FAST_TANH: tl.constexpr, BM: tl.constexpr, HC: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr,
-        MEMBERS: tl.constexpr, H16: tl.constexpr,
+        MEMBERS: tl.constexpr, H16: tl.constexpr, EVEN_M: tl.constexpr, EVEN_H: tl.constexpr,
     ):
         """Shared input: a program takes ``BM`` rows and runs ``MEMBERS`` members through them, the hidden
         units ``HC`` at a time; the shared ``x W1ᵀ + b1`` rows are re-read per chunk (from L1/L2: they
         are ``M x H`` values for the whole population), so little stays live and many programs fit.
 
+        ``w2_ptr`` is ``W2ᵀ`` padded with zero columns to ``(H, BC)``. ``EVEN_M``/``EVEN_H``: the tiles
+        divide ``M``/``H``, so those masks fold away.
         Layer 2 is one GEMM against ``[W2ᵀ | B2_n]`` (``BC >= O + R`` columns): ``z = h [W2ᵀ | B2_n]``
         holds ``h W2ᵀ`` in columns ``< O`` and ``h B2_n`` in ``O..O+R-1``; then
         ``y = z + z S_n`` with ``S_n`` placing ``A2_nᵀ`` in rows ``O..O+R-1``, columns ``< O``.
@@ -141,7 +143,7 @@ if triton is not None:
         """
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         cols, rk = tl.arange(0, BC), tl.arange(0, BR)
-        row_ok, r_ok = rows < M, rk < R
+        row_ok, r_ok = (rows < M) | EVEN_M, rk < R
         out_col, noise_col = cols < O, (cols >= O) & (cols < O + R)
         b2 = tl.load(b2_ptr + cols, mask=out_col, other=0.0)
         n_lo = tl.program_id(1) * MEMBERS
@@ -153,7 +155,7 @@ if triton is not None:
             for h0 in range(0, H, HC):
                 # masked hidden units (>= H) get h = act(0) = 0 and zero rows of [W2ᵀ | B2_n]
                 hid = h0 + tl.arange(0, HC)
-                hid_ok = hid < H
+                hid_ok = (hid < H) | EVEN_H
                 h = tl.load(base_ptr + rows[:, None] * H + hid[None, :], mask=row_ok[:, None] & hid_ok[None, :],
                             other=0.0)
                 a1t = tl.load(a1_ptr + n * stride_a1_n + hid[None, :] * R + rk[:, None],
@@ -161,8 +163,7 @@ if triton is not None:
                 h = tl.dot(xb, a1t, acc=h, input_precision=PREC)
                 if HAS_BN1:
                     h += tl.load(bn1_ptr + n * H + hid, mask=hid_ok, other=0.0)[None, :]
-                w = tl.load(w2_ptr + cols[None, :] * H + hid[:, None], mask=hid_ok[:, None] & out_col[None, :],
-                            other=0.0)
+                w = tl.load(w2_ptr + hid[:, None] * BC + cols[None, :], mask=hid_ok[:, None], other=0.0)
                 w += tl.load(bb2_ptr + n * stride_bb2_n + hid[:, None] * stride_bb2_h + (cols[None, :] - O),
                              mask=hid_ok[:, None] & noise_col[None, :], other=0.0)  # (HC, BC): [W2ᵀ | B2_n]
                 if H16:
@@ -233,6 +234,10 @@ if triton is not None:
     # the best few of benchmarks/sweep_kernels.py on the MNIST step (H200). The cap matters most: at
     # 112-128 registers four programs share an SM (the uncapped kernel takes 255 and runs two), which
     # hides the loads of one member behind another's math. BM=32 serves small batches.
+    _mlp_shared_even = triton.heuristics({
+        "EVEN_M": lambda a: a["M"] % a["BM"] == 0, "EVEN_H": lambda a: a["H"] % a["HC"] == 0,
+    })(_mlp_shared_kernel)
+
     _mlp_shared_kernel_tuned = triton.autotune(
         configs=[
             triton.Config({"BM": bm, "MEMBERS": mem, "HC": hc}, num_warps=w, num_stages=1, maxnreg=reg)
@@ -241,7 +246,7 @@ if triton is not None:
         ],
         key=["N", "M", "H", "O", "R", "H16"],
         prune_configs_by={"early_config_prune": _fit_chunks},
-    )(_mlp_shared_kernel)
+    )(_mlp_shared_even)
 
     # tile height and warps chosen per shape on the GPU (the interpreter runs one fixed config)
     _mlp_kernel_tuned = triton.autotune(
@@ -307,9 +312,11 @@ def _fused(x, layer1, layer2, activation, shared, bias_noise, config=None, h16=T
         for k in ("BH", "BO"):
             flags.pop(k)
         fast_tanh = tf32 and activation == "tanh" and not interpreted
-        (_mlp_shared_kernel if fixed else _mlp_shared_kernel_tuned)[grid](
-            *pointers, N, M, H, O, R, *strides, FAST_TANH=fast_tanh, BC=_pow2(O + R), H16=fast_tanh and h16,
-            **flags, **fixed)
+        BC = _pow2(O + R)
+        w2t = F.pad(W2.t(), (0, BC - O))  # (H, BC): W2ᵀ, zero columns from O on
+        (_mlp_shared_even if fixed else _mlp_shared_kernel_tuned)[grid](
+            *pointers[:4], w2t, *pointers[5:], N, M, H, O, R, *strides, FAST_TANH=fast_tanh, BC=BC,
+            H16=fast_tanh and h16, **flags, **fixed)
         return out
     grid = lambda meta: (N, triton.cdiv(M, meta["BM"]))  # noqa: E731
     fixed = dict(BM=32, num_warps=4) if interpreted else {}

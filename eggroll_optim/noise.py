@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from .kernels.fast.pairs import pair_rows, pair_rows_available
+from .kernels.fast.pairs import layout_kernels_available, pair_rows, signed_pairs
 
 __all__ = [
     "DEFAULT_BLOCK_PAIRS",
@@ -83,7 +83,10 @@ def antithetic_pairs(
     buffer: ``B.permute(1, 0, 2).reshape(n, 2P * r)`` is then free, which is how the shared-input
     projection ``x @ B`` and the gradient GEMM read it.
     """
-    A_scaled = torch.stack((A, -A), dim=1).flatten(0, 1).mul_(sigma / math.sqrt(rank))
+    scale = sigma / math.sqrt(rank)
+    if A.dtype != torch.float64 and layout_kernels_available(A):  # one pass on CUDA, the same values
+        return signed_pairs(A, scale), _pair_rows(B)
+    A_scaled = torch.stack((A, -A), dim=1).flatten(0, 1).mul_(scale)
     return A_scaled, _pair_rows(B)
 
 
@@ -102,7 +105,7 @@ def _pair_rows(B: torch.Tensor) -> torch.Tensor:
     On CUDA a Triton transpose-copy writes each pair's two rows at once (29 µs against 48 µs for
     torch's strided copy, for the MNIST step's 2048 x 784 x 4 on an H200); elsewhere torch copies."""
     P, n, r = B.shape
-    if pair_rows_available(B):
+    if layout_kernels_available(B):
         return pair_rows(B).view(n, 2 * P, r).permute(1, 0, 2)
     B_pop = B.new_empty(n, P, 2, r)
     B_pop.copy_(B.permute(1, 0, 2).unsqueeze(2).expand(n, P, 2, r))

@@ -1,4 +1,4 @@
-"""The antithetic layout kernel (``kernels.fast.pairs``) against torch's copy, bit for bit.
+"""The antithetic layout kernels (``kernels.fast.pairs``) against the torch ops they replace, bit for bit.
 
 On CPU the kernel runs under Triton's interpreter (in a subprocess); on CUDA it runs compiled (marked ``cuda``).
 """
@@ -17,8 +17,12 @@ def torch_layout(B):
 
 
 def check(device):
-    from eggroll_optim.kernels.fast.pairs import pair_rows, pair_rows_available
+    from eggroll_optim.kernels.fast.pairs import (
+        layout_kernels_available, pair_rows, scaled_transpose, signed_pairs,
+    )
     from eggroll_optim.noise import _pair_rows
+
+    pair_rows_available = layout_kernels_available
 
     g = torch.Generator().manual_seed(0)
     for shape in SHAPES:
@@ -31,6 +35,23 @@ def check(device):
             assert pop.shape == (2 * P, n, r) and pop.permute(1, 0, 2).is_contiguous()
             assert torch.equal(pop[0::2], B) and torch.equal(pop[1::2], B)
     assert not pair_rows_available(torch.randn(4, 3, 2, device=device).permute(1, 0, 2))  # not contiguous
+    dtypes = [(torch.float32, torch.float32), (torch.float64, torch.float64)]
+    if device == "cuda":  # Triton's interpreter has no bfloat16 arithmetic
+        dtypes.append((torch.bfloat16, torch.float32))
+    for shape in SHAPES:
+        for dtype, acc in dtypes:
+            A = torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+            scale = 0.37
+            expected = torch.stack((A, -A), dim=1).flatten(0, 1).mul_(scale)
+            if dtype == torch.float64:
+                with pytest.raises(ValueError, match="float64"):
+                    signed_pairs(A, scale)
+            else:
+                assert torch.equal(signed_pairs(A, scale), expected), ("signed", shape, dtype)
+            f = torch.randn(shape[0], generator=g, dtype=torch.float64).to(device)
+            expected = (A.to(acc) * f.to(acc)[:, None, None]).permute(1, 0, 2).contiguous()
+            got = scaled_transpose(A, f, acc)
+            assert got.dtype == acc and torch.equal(got, expected), ("transpose", shape, dtype)
 
 
 def test_kernel_in_triton_interpreter():

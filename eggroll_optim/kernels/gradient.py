@@ -5,6 +5,8 @@ import math
 
 import torch
 
+from .fast.pairs import layout_kernels_available, scaled_transpose
+
 __all__ = ["accumulation_dtype", "es_gradient", "lowrank_gradient_sum", "fullrank_gradient_sum"]
 
 
@@ -20,13 +22,10 @@ def lowrank_gradient_sum(fitness: torch.Tensor, A_scaled: torch.Tensor, B: torch
     """
     acc = accumulation_dtype(A_scaled.dtype)
     N, m, r = A_scaled.shape
-    f = fitness.to(acc).view(1, N, 1)
-    if torch.is_grad_enabled() and (A_scaled.requires_grad or fitness.requires_grad):  # out= records no autograd
-        fA = (A_scaled.permute(1, 0, 2).to(acc) * f).reshape(m, N * r)
-    else:  # one pass: read A strided, write the (m, N r) operand (no product-then-copy)
-        fA = torch.empty(m, N, r, dtype=acc, device=A_scaled.device)
-        torch.mul(A_scaled.permute(1, 0, 2), f, out=fA)
-        fA = fA.view(m, N * r)
+    if layout_kernels_available(A_scaled, fitness):  # one Triton pass on CUDA: read A, write f·A transposed
+        fA = scaled_transpose(A_scaled, fitness, acc).view(m, N * r)
+    else:
+        fA = (A_scaled.to(acc) * fitness.to(acc)[:, None, None]).permute(1, 0, 2).reshape(m, N * r)
     return fA @ B.to(acc).permute(1, 0, 2).reshape(B.shape[1], N * r).t()
 
 

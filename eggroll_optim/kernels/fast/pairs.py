@@ -1,5 +1,13 @@
-"""Antithetic layout of ``B``: pair factors ``(P, n, r)`` -> population ``(n, P, 2, r)``, each pair's
-row written for both of its members (``noise._pair_rows``), in one Triton transpose-copy."""
+"""Antithetic layouts in one pass each (Triton on CUDA; the callers keep torch for everything else):
+
+- ``pair_rows``: pair factors ``B (P, n, r)`` -> population ``(n, P, 2, r)``, each pair's row written
+  for both of its members (``noise._pair_rows``);
+- ``signed_pairs``: ``A (P, m, r)`` -> ``(P, 2, m, r)`` = ``(scale A_p, -scale A_p)``
+  (``noise.antithetic_pairs``), the values of torch's stack-then-scale bit for bit (not float64:
+  Triton passes the scale as float32, where torch multiplies float64 by the double);
+- ``scaled_transpose``: ``A (N, m, r)``, ``f (N,)`` -> ``(m, N, r)`` = ``f_n A_n`` (the gradient GEMM's
+  left operand, ``kernels.gradient``).
+"""
 from __future__ import annotations
 
 import torch
@@ -8,46 +16,82 @@ from ._triton import interpreted as _interpreted
 from ._triton import pow2 as _pow2
 from ._triton import tl, triton
 
-__all__ = ["pair_rows", "pair_rows_available"]
+__all__ = ["layout_kernels_available", "pair_rows", "scaled_transpose", "signed_pairs"]
 
-_BP, _BI = 16, 64  # pairs x input rows a program (H200: 29 µs for 2048 x 784 x 4, torch's copy 48 µs)
+_BP, _BI = 16, 64  # rows x columns of a transpose tile (H200: 29 µs for 2048 x 784 x 4, torch's copy 48 µs)
+_BLOCK = 4096  # values a program for signed_pairs
 
 if triton is not None:
 
     @triton.jit
-    def _pair_rows_kernel(src_ptr, dst_ptr, P, n, R: tl.constexpr, RP: tl.constexpr, BP: tl.constexpr,
-                          BI: tl.constexpr):
-        """``dst[i, p, c, :] = src[p, i, :]`` for ``c`` in 0, 1: a ``(BP, BI)`` tile, read along ``(i, r)``,
-        written along ``(p, c, r)`` with both copies of a row in one store."""
+    def _transpose_rows_kernel(src_ptr, scale_ptr, dst_ptr, P, n, R: tl.constexpr, RP: tl.constexpr,
+                               C: tl.constexpr, HAS_SCALE: tl.constexpr, BP: tl.constexpr, BI: tl.constexpr):
+        """``dst[i, p, c, :] = src[p, i, :] (* scale[p])`` for ``c < C`` (1 or 2): a ``(BP, BI)`` tile, read
+        along ``(i, r)``, written along ``(p, c, r)`` with the ``C`` copies of a row in one store."""
         p = tl.program_id(0).to(tl.int64) * BP + tl.arange(0, BP)
         i = tl.program_id(1).to(tl.int64) * BI + tl.arange(0, BI)
         r = tl.arange(0, RP)
         ok = (p < P)[:, None, None] & (i < n)[None, :, None] & (r < R)[None, None, :]
         v = tl.load(src_ptr + (p[:, None, None] * n + i[None, :, None]) * R + r[None, None, :], mask=ok)
-        v2 = tl.reshape(tl.permute(tl.join(v, v), (1, 0, 3, 2)), (BI, BP, 2 * RP))  # (i, p, [copy, r])
-        j = tl.arange(0, 2 * RP)
+        if HAS_SCALE:
+            v = (v * tl.load(scale_ptr + p, mask=p < P, other=0.0)[:, None, None]).to(dst_ptr.dtype.element_ty)
+        if C == 2:
+            v = tl.reshape(tl.permute(tl.join(v, v), (1, 0, 3, 2)), (BI, BP, 2 * RP))  # (i, p, [copy, r])
+        else:
+            v = tl.permute(v, (1, 0, 2))
+        j = tl.arange(0, C * RP)
         jr = j % RP
         ok2 = (i < n)[:, None, None] & (p < P)[None, :, None] & (jr < R)[None, None, :]
-        dst = dst_ptr + ((i[:, None, None] * P + p[None, :, None]) * 2 + (j // RP)[None, None, :]) * R + jr[None, None, :]
-        tl.store(dst, v2, mask=ok2)
+        dst = dst_ptr + ((i[:, None, None] * P + p[None, :, None]) * C + (j // RP)[None, None, :]) * R + jr[None, None, :]
+        tl.store(dst, v, mask=ok2)
+
+    @triton.jit
+    def _signed_pairs_kernel(src_ptr, dst_ptr, L, scale, BLOCK: tl.constexpr):
+        """``dst[p, 0] = src[p] * scale``, ``dst[p, 1] = -src[p] * scale`` over rows of ``L`` values."""
+        p = tl.program_id(1).to(tl.int64)
+        k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = k < L
+        v = tl.load(src_ptr + p * L + k, mask=ok)
+        out = dst_ptr + p * 2 * L + k
+        tl.store(out, (v * scale).to(dst_ptr.dtype.element_ty), mask=ok)
+        tl.store(out + L, (-v * scale).to(dst_ptr.dtype.element_ty), mask=ok)
 
 
-def pair_rows_available(B: torch.Tensor) -> bool:
-    """Triton present, ``B`` a contiguous ``(P, n, r)`` on CUDA (or interpreted), and no autograd through it."""
-    return (
-        triton is not None
-        and (B.is_cuda or _interpreted())
-        and B.dim() == 3
-        and B.is_contiguous()
-        and B.numel() > 0
-        and not (torch.is_grad_enabled() and B.requires_grad)
+def layout_kernels_available(*tensors: torch.Tensor) -> bool:
+    """Triton present, contiguous non-empty tensors on CUDA (or interpreted), no autograd through them."""
+    return triton is not None and all(
+        (t.is_cuda or _interpreted()) and t.is_contiguous() and t.numel() > 0
+        and not (torch.is_grad_enabled() and t.requires_grad)
+        for t in tensors
     )
+
+
+def _transpose(src: torch.Tensor, copies: int, scale: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    P, n, R = src.shape
+    out = torch.empty((n, P, copies, R), device=src.device, dtype=out_dtype)
+    _transpose_rows_kernel[(triton.cdiv(P, _BP), triton.cdiv(n, _BI))](
+        src, scale if scale is not None else src, out, P, n, R=R, RP=_pow2(R, 1), C=copies,
+        HAS_SCALE=scale is not None, BP=_BP, BI=_BI, num_warps=4)
+    return out
 
 
 def pair_rows(B: torch.Tensor) -> torch.Tensor:
     """``B (P, n, r)`` contiguous -> ``(n, P, 2, r)`` with ``[:, p, 0]`` and ``[:, p, 1]`` both ``B[p]ᵀ``."""
-    P, n, R = B.shape
-    out = B.new_empty(n, P, 2, R)
-    _pair_rows_kernel[(triton.cdiv(P, _BP), triton.cdiv(n, _BI))](B, out, P, n, R=R, RP=_pow2(R, 1), BP=_BP, BI=_BI,
-                                                                  num_warps=4)
-    return out
+    return _transpose(B, 2, None, B.dtype)
+
+
+def scaled_transpose(A: torch.Tensor, f: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``A (N, m, r)`` contiguous, ``f (N,)`` -> ``(m, N, r)`` in ``out_dtype``: ``f_n A_n`` (computed in
+    the wider of the two dtypes, as torch's ``A.to(out_dtype) * f`` does)."""
+    return _transpose(A, 1, f.to(out_dtype).contiguous(), out_dtype).view(A.shape[1], A.shape[0], A.shape[2])
+
+
+def signed_pairs(A: torch.Tensor, scale: float) -> torch.Tensor:
+    """``A (P, m, r)`` contiguous -> ``(2P, m, r)``: rows ``2p`` = ``scale A_p``, ``2p + 1`` = ``-scale A_p``."""
+    P = A.shape[0]
+    L = A[0].numel()
+    if A.dtype == torch.float64:  # a Triton float argument is float32; torch keeps a double scale for float64
+        raise ValueError("signed_pairs: float64 factors take torch's stack and scale")
+    out = A.new_empty(P, 2, *A.shape[1:])
+    _signed_pairs_kernel[(triton.cdiv(L, _BLOCK), P)](A, out, L, float(scale), BLOCK=_BLOCK, num_warps=4)
+    return out.flatten(0, 1)

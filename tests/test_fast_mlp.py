@@ -14,7 +14,8 @@ from eggroll_optim.kernels.fast.mlp import perturbed_mlp, perturbed_mlp_referenc
 triton = pytest.importorskip("triton")
 
 CASES = [(20, 30, 40, 10, 6, 4, "tanh"), (70, 16, 32, 3, 20, 1, "relu"), (5, 8, 17, 2, 2, 8, "identity"),
-         (3, 4, 256, 2, 34, 4, "tanh"), (4, 8, 16, 70, 3, 2, "tanh")]
+         (3, 4, 256, 2, 34, 4, "tanh"), (4, 8, 16, 70, 3, 2, "tanh"),
+         (64, 12, 64, 5, 6, 2, "tanh")]  # tiles that divide M and H: the unmasked (EVEN) kernel variant
 
 
 def _inputs(M, D, H, O, N, R, seed, device="cpu"):

@@ -25,8 +25,9 @@ def check(device):
     pair_rows_available = layout_kernels_available
 
     g = torch.Generator().manual_seed(0)
+    half = [torch.bfloat16] if device == "cuda" else []  # Triton's interpreter: float32/float64 only
     for shape in SHAPES:
-        for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        for dtype in (torch.float32, torch.float64, *half):
             B = torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
             assert pair_rows_available(B)
             assert torch.equal(pair_rows(B), torch_layout(B)), (shape, dtype)
@@ -35,6 +36,8 @@ def check(device):
             assert pop.shape == (2 * P, n, r) and pop.permute(1, 0, 2).is_contiguous()
             assert torch.equal(pop[0::2], B) and torch.equal(pop[1::2], B)
     assert not pair_rows_available(torch.randn(4, 3, 2, device=device).permute(1, 0, 2))  # not contiguous
+    if device == "cpu":
+        assert not pair_rows_available(torch.randn(4, 3, 2).bfloat16())
     dtypes = [(torch.float32, torch.float32), (torch.float64, torch.float64)]
     if device == "cuda":  # Triton's interpreter has no bfloat16 arithmetic
         dtypes.append((torch.bfloat16, torch.float32))
@@ -67,3 +70,41 @@ def test_kernel_in_triton_interpreter():
 @pytest.mark.cuda
 def test_kernel_on_cuda():
     check("cuda")
+
+
+def check_callers(device):
+    """``noise.antithetic_pairs`` and ``kernels.gradient.lowrank_gradient_sum`` through the kernels, against
+    float64 references; a fitness that broadcasts (shape (1,)) takes the torch path."""
+    from eggroll_optim.kernels.gradient import lowrank_gradient_sum
+    from eggroll_optim.noise import antithetic_pairs
+
+    g = torch.Generator().manual_seed(1)
+    P, m, n, r = 6, 5, 7, 3
+    A, B = torch.randn(P, m, r, generator=g).to(device), torch.randn(P, n, r, generator=g).to(device)
+    A_s, B_pop = antithetic_pairs(A, B, 0.2, r)
+    assert torch.equal(A_s, torch.stack((A, -A), dim=1).flatten(0, 1).mul_(0.2 / r ** 0.5))
+    assert torch.equal(B_pop[0::2], B) and torch.equal(B_pop[1::2], B)
+    f = torch.randn(2 * P, generator=g).to(device)
+    d = lambda t: t.double().cpu()  # noqa: E731
+    expected = torch.einsum("n,nmr,nkr->mk", d(f), d(A_s), d(B_pop))
+    torch.testing.assert_close(d(lowrank_gradient_sum(f, A_s, B_pop)), expected, rtol=1e-5, atol=1e-5)
+    expected1 = torch.einsum("n,nmr,nkr->mk", d(f[:1]).expand(2 * P), d(A_s), d(B_pop))
+    torch.testing.assert_close(d(lowrank_gradient_sum(f[:1], A_s, B_pop)), expected1, rtol=1e-5, atol=1e-5)
+
+
+def test_callers_in_triton_interpreter():
+    run_interpreted(
+        """
+        from test_pairs import check_callers
+        check_callers("cpu")
+        """
+    )
+
+
+def test_callers_on_cpu_without_triton_kernels():
+    check_callers("cpu")
+
+
+@pytest.mark.cuda
+def test_callers_on_cuda():
+    check_callers("cuda")

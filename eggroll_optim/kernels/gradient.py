@@ -22,7 +22,7 @@ def lowrank_gradient_sum(fitness: torch.Tensor, A_scaled: torch.Tensor, B: torch
     """
     acc = accumulation_dtype(A_scaled.dtype)
     N, m, r = A_scaled.shape
-    if layout_kernels_available(A_scaled, fitness):  # one Triton pass on CUDA: read A, write f·A transposed
+    if fitness.shape == (N,) and layout_kernels_available(A_scaled, fitness):  # one Triton pass: f·A transposed
         fA = scaled_transpose(A_scaled, fitness, acc).view(m, N * r)
     else:
         fA = (A_scaled.to(acc) * fitness.to(acc)[:, None, None]).permute(1, 0, 2).reshape(m, N * r)

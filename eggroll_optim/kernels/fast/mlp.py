@@ -88,7 +88,7 @@ if triton is not None:
                     mask=row_ok[:, None] & hid_ok[None, :], other=0.0)
         if HAS_BN1:
             h += tl.load(bn1_ptr + n * H + hid, mask=hid_ok, other=0.0)[None, :]
-        xb = tl.load(xb_ptr + n * stride_xb_n + rows[:, None] * stride_xb_m + rk[None, :],
+        xb = tl.load(xb_ptr + n * stride_xb_n + rows.to(tl.int64)[:, None] * stride_xb_m + rk[None, :],
                      mask=row_ok[:, None] & r_ok[None, :], other=0.0)  # (BM, BR)
         a1t = tl.load(a1_ptr + n * stride_a1_n + hid[None, :] * R + rk[:, None],
                       mask=r_ok[:, None] & hid_ok[None, :], other=0.0)  # (BR, BH)
@@ -97,7 +97,7 @@ if triton is not None:
         # layer 2: y = h W2ᵀ + b2 + (h B2_n) A2_nᵀ           (BM, BO)
         w2t = tl.load(w2_ptr + outs[None, :] * H + hid[:, None], mask=hid_ok[:, None] & out_ok[None, :], other=0.0)
         y = tl.dot(h, w2t, input_precision=PREC)
-        b2n = tl.load(bb2_ptr + n * stride_bb2_n + hid[:, None] * stride_bb2_h + rk[None, :],
+        b2n = tl.load(bb2_ptr + n * stride_bb2_n + hid.to(tl.int64)[:, None] * stride_bb2_h + rk[None, :],
                       mask=hid_ok[:, None] & r_ok[None, :], other=0.0)  # (BH, BR)
         hb = tl.dot(h, b2n, input_precision=PREC)
         a2t = tl.load(a2_ptr + n * stride_a2_n + outs[None, :] * R + rk[:, None],
@@ -138,18 +138,21 @@ if triton is not None:
         turns NaN either way.
         ``H16`` (tanh under TF32 only): the activation is ``tanh.approx.f16x2`` on float16 inputs and
         layer 2 multiplies float16 operands (accumulating in float32): the 10-bit mantissa of TF32, half
-        the MUFU work. A pre-activation beyond ±65504 becomes ±inf, whose tanh is still ±1; a weight of
+        the MUFU work. Below 6.1e-5 in magnitude float16 is subnormal (fewer bits; under 6e-8, zero),
+        where TF32 keeps float32's exponent: such entries of ``W2`` or ``B2_n`` contribute at most
+        ~1e-4 of an output of order one, below TF32's rounding of the sum. A pre-activation beyond ±65504 becomes ±inf, whose tanh is still ±1; a weight of
         ``W2`` beyond ±65504 would overflow (the member's outputs turn non-finite, not silently wrong).
         """
-        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        rows = tl.program_id(1) * BM + tl.arange(0, BM)  # members on axis 0: it takes 2^31 - 1 programs
+        rows64 = rows.to(tl.int64)  # row and hidden strides of x B1 and B2 are N * R: 64-bit products
         cols, rk = tl.arange(0, BC), tl.arange(0, BR)
         row_ok, r_ok = (rows < M) | EVEN_M, rk < R
         out_col, noise_col = cols < O, (cols >= O) & (cols < O + R)
         b2 = tl.load(b2_ptr + cols, mask=out_col, other=0.0)
-        n_lo = tl.program_id(1) * MEMBERS
+        n_lo = tl.program_id(0) * MEMBERS
         for n32 in range(n_lo, tl.minimum(n_lo + MEMBERS, N)):
             n = tl.cast(n32, tl.int64)  # 64-bit offsets: N * M * O can pass 2^31
-            xb = tl.load(xb_ptr + n * stride_xb_n + rows[:, None] * stride_xb_m + rk[None, :],
+            xb = tl.load(xb_ptr + n * stride_xb_n + rows64[:, None] * stride_xb_m + rk[None, :],
                          mask=row_ok[:, None] & r_ok[None, :], other=0.0)  # (BM, BR)
             z = tl.zeros((BM, BC), dtype=tl.float32)
             for h0 in range(0, H, HC):
@@ -164,7 +167,7 @@ if triton is not None:
                 if HAS_BN1:
                     h += tl.load(bn1_ptr + n * H + hid, mask=hid_ok, other=0.0)[None, :]
                 w = tl.load(w2_ptr + hid[:, None] * BC + cols[None, :], mask=hid_ok[:, None], other=0.0)
-                w += tl.load(bb2_ptr + n * stride_bb2_n + hid[:, None] * stride_bb2_h + (cols[None, :] - O),
+                w += tl.load(bb2_ptr + n * stride_bb2_n + hid.to(tl.int64)[:, None] * stride_bb2_h + (cols[None, :] - O),
                              mask=hid_ok[:, None] & noise_col[None, :], other=0.0)  # (HC, BC): [W2ᵀ | B2_n]
                 if H16:
                     z = tl.dot(_tanh_f16x2(h.to(tl.float16)), w.to(tl.float16), acc=z)
@@ -307,7 +310,7 @@ def _fused(x, layer1, layer2, activation, shared, bias_noise, config=None, h16=T
                  PREC="tf32" if tf32 else "ieee", BH=BH, BO=BO, BR=BR)
     strides = (xb.stride(0), xb.stride(1), A1.stride(0), A2.stride(0), B2.stride(0), B2.stride(1), out.stride(0))
     if shared and O + R <= 64:  # members stream through a program's rows; its outputs are one tile
-        grid = lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(N, meta["MEMBERS"]))  # noqa: E731
+        grid = lambda meta: (triton.cdiv(N, meta["MEMBERS"]), triton.cdiv(M, meta["BM"]))  # noqa: E731
         fixed = dict(BM=32, MEMBERS=4, num_warps=4, HC=min(32, BH)) if interpreted else (config or {})
         for k in ("BH", "BO"):
             flags.pop(k)

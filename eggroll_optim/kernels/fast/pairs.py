@@ -28,8 +28,10 @@ if triton is not None:
                                C: tl.constexpr, HAS_SCALE: tl.constexpr, BP: tl.constexpr, BI: tl.constexpr):
         """``dst[i, p, c, :] = src[p, i, :] (* scale[p])`` for ``c < C`` (1 or 2): a ``(BP, BI)`` tile, read
         along ``(i, r)``, written along ``(p, c, r)`` with the ``C`` copies of a row in one store."""
-        p = tl.program_id(0).to(tl.int64) * BP + tl.arange(0, BP)
-        i = tl.program_id(1).to(tl.int64) * BI + tl.arange(0, BI)
+        tile = tl.program_id(0).to(tl.int64)  # one grid axis (up to 2^31 - 1 tiles): P and n can both be large
+        tiles_i = tl.cdiv(n, BI)
+        p = (tile // tiles_i) * BP + tl.arange(0, BP)
+        i = (tile % tiles_i) * BI + tl.arange(0, BI)
         r = tl.arange(0, RP)
         ok = (p < P)[:, None, None] & (i < n)[None, :, None] & (r < R)[None, None, :]
         v = tl.load(src_ptr + (p[:, None, None] * n + i[None, :, None]) * R + r[None, None, :], mask=ok)
@@ -48,8 +50,8 @@ if triton is not None:
     @triton.jit
     def _signed_pairs_kernel(src_ptr, dst_ptr, L, scale, BLOCK: tl.constexpr):
         """``dst[p, 0] = src[p] * scale``, ``dst[p, 1] = -src[p] * scale`` over rows of ``L`` values."""
-        p = tl.program_id(1).to(tl.int64)
-        k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        p = tl.program_id(0).to(tl.int64)  # pairs on axis 0 (up to 2^31 - 1 programs)
+        k = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = k < L
         v = tl.load(src_ptr + p * L + k, mask=ok)
         out = dst_ptr + p * 2 * L + k
@@ -58,9 +60,11 @@ if triton is not None:
 
 
 def layout_kernels_available(*tensors: torch.Tensor) -> bool:
-    """Triton present, contiguous non-empty tensors on CUDA (or interpreted), no autograd through them."""
+    """Triton present, contiguous non-empty tensors on CUDA (or, float32/float64 only, under Triton's
+    interpreter, which has no bfloat16 arithmetic), no autograd through them."""
     return triton is not None and all(
-        (t.is_cuda or _interpreted()) and t.is_contiguous() and t.numel() > 0
+        (t.is_cuda or (_interpreted() and t.dtype in (torch.float32, torch.float64)))
+        and t.is_contiguous() and t.numel() > 0
         and not (torch.is_grad_enabled() and t.requires_grad)
         for t in tensors
     )
@@ -69,7 +73,7 @@ def layout_kernels_available(*tensors: torch.Tensor) -> bool:
 def _transpose(src: torch.Tensor, copies: int, scale: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     P, n, R = src.shape
     out = torch.empty((n, P, copies, R), device=src.device, dtype=out_dtype)
-    _transpose_rows_kernel[(triton.cdiv(P, _BP), triton.cdiv(n, _BI))](
+    _transpose_rows_kernel[(triton.cdiv(P, _BP) * triton.cdiv(n, _BI),)](
         src, scale if scale is not None else src, out, P, n, R=R, RP=_pow2(R, 1), C=copies,
         HAS_SCALE=scale is not None, BP=_BP, BI=_BI, num_warps=4)
     return out
@@ -93,5 +97,5 @@ def signed_pairs(A: torch.Tensor, scale: float) -> torch.Tensor:
     if A.dtype == torch.float64:  # a Triton float argument is float32; torch keeps a double scale for float64
         raise ValueError("signed_pairs: float64 factors take torch's stack and scale")
     out = A.new_empty(P, 2, *A.shape[1:])
-    _signed_pairs_kernel[(triton.cdiv(L, _BLOCK), P)](A, out, L, float(scale), BLOCK=_BLOCK, num_warps=4)
+    _signed_pairs_kernel[(P, triton.cdiv(L, _BLOCK))](A, out, L, float(scale), BLOCK=_BLOCK, num_warps=4)
     return out.flatten(0, 1)

@@ -160,3 +160,14 @@ def test_shared_kernel_with_tf32_and_fast_tanh_on_cuda():
             assert _relative_error(x, l1, l2, act) < 5e-3, case
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def test_autotune_prune_caps_hidden_chunks_and_drops_duplicates():
+    from eggroll_optim.kernels.fast.mlp import _fit_chunks
+
+    configs = [triton.Config({"BM": 64, "MEMBERS": 8, "HC": hc}, num_warps=4, num_stages=1, maxnreg=128)
+               for hc in (64, 32, 64)] + [triton.Config({"BM": 32, "MEMBERS": 16, "HC": 32}, num_warps=4, num_stages=1)]
+    kept = _fit_chunks(configs, {"H": 20})  # a 20-wide layer: chunks of at most pow2(20) = 32
+    assert [c.kwargs["HC"] for c in kept] == [32, 32]  # the three 64/32/64 configs collapse into one
+    assert {(c.kwargs["BM"], c.maxnreg) for c in kept} == {(64, 128), (32, None)}
+    assert [c.kwargs["HC"] for c in _fit_chunks(configs, {"H": 256})] == [64, 32, 32]

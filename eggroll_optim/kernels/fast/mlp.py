@@ -143,13 +143,16 @@ if triton is not None:
         ~1e-4 of an output of order one, below TF32's rounding of the sum. A pre-activation beyond ±65504 becomes ±inf, whose tanh is still ±1; a weight of
         ``W2`` beyond ±65504 would overflow (the member's outputs turn non-finite, not silently wrong).
         """
-        rows = tl.program_id(1) * BM + tl.arange(0, BM)  # members on axis 0: it takes 2^31 - 1 programs
+        # one flat grid axis (up to 2^31 - 1 programs), row tiles varying fastest: the programs that run
+        # together share member groups (their factors) and cover every row tile of x W1ᵀ + b1
+        row_tiles = tl.cdiv(M, BM)
+        rows = (tl.program_id(0) % row_tiles) * BM + tl.arange(0, BM)
         rows64 = rows.to(tl.int64)  # row and hidden strides of x B1 and B2 are N * R: 64-bit products
         cols, rk = tl.arange(0, BC), tl.arange(0, BR)
         row_ok, r_ok = (rows < M) | EVEN_M, rk < R
         out_col, noise_col = cols < O, (cols >= O) & (cols < O + R)
         b2 = tl.load(b2_ptr + cols, mask=out_col, other=0.0)
-        n_lo = tl.program_id(0) * MEMBERS
+        n_lo = (tl.program_id(0) // row_tiles) * MEMBERS
         for n32 in range(n_lo, tl.minimum(n_lo + MEMBERS, N)):
             n = tl.cast(n32, tl.int64)  # 64-bit offsets: N * M * O can pass 2^31
             xb = tl.load(xb_ptr + n * stride_xb_n + rows64[:, None] * stride_xb_m + rk[None, :],
@@ -310,7 +313,7 @@ def _fused(x, layer1, layer2, activation, shared, bias_noise, config=None, h16=T
                  PREC="tf32" if tf32 else "ieee", BH=BH, BO=BO, BR=BR)
     strides = (xb.stride(0), xb.stride(1), A1.stride(0), A2.stride(0), B2.stride(0), B2.stride(1), out.stride(0))
     if shared and O + R <= 64:  # members stream through a program's rows; its outputs are one tile
-        grid = lambda meta: (triton.cdiv(N, meta["MEMBERS"]), triton.cdiv(M, meta["BM"]))  # noqa: E731
+        grid = lambda meta: (triton.cdiv(N, meta["MEMBERS"]) * triton.cdiv(M, meta["BM"]),)  # noqa: E731
         fixed = dict(BM=32, MEMBERS=4, num_warps=4, HC=min(32, BH)) if interpreted else (config or {})
         for k in ("BH", "BO"):
             flags.pop(k)

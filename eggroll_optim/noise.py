@@ -85,8 +85,9 @@ def antithetic_pairs(
     """
     scale = sigma / math.sqrt(rank)
     if A.dtype != torch.float64 and layout_kernels_available(A):  # one pass on CUDA, the same values
-        return signed_pairs(A, scale), _pair_rows(B)
-    A_scaled = torch.stack((A, -A), dim=1).flatten(0, 1).mul_(scale)
+        A_scaled = signed_pairs(A, scale)
+    else:
+        A_scaled = torch.stack((A, -A), dim=1).flatten(0, 1).mul_(scale)
     return A_scaled, _pair_rows(B)
 
 

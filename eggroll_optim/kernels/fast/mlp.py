@@ -140,8 +140,9 @@ if triton is not None:
         layer 2 multiplies float16 operands (accumulating in float32): the 10-bit mantissa of TF32, half
         the MUFU work. Below 6.1e-5 in magnitude float16 is subnormal (fewer bits; under 6e-8, zero),
         where TF32 keeps float32's exponent: such entries of ``W2`` or ``B2_n`` contribute at most
-        ~1e-4 of an output of order one, below TF32's rounding of the sum. A pre-activation beyond ±65504 becomes ±inf, whose tanh is still ±1; a weight of
-        ``W2`` beyond ±65504 would overflow (the member's outputs turn non-finite, not silently wrong).
+        ~1e-4 of an output of order one, below TF32's rounding of the sum. A pre-activation beyond
+        ±65504 becomes ±inf, whose tanh is still ±1; a weight of ``W2`` beyond ±65504 would overflow
+        (the member's outputs turn non-finite, not silently wrong).
         """
         # one flat grid axis (up to 2^31 - 1 programs), row tiles varying fastest: the programs that run
         # together share member groups (their factors) and cover every row tile of x W1ᵀ + b1
@@ -302,32 +303,34 @@ def _fused(x, layer1, layer2, activation, shared, bias_noise, config=None, h16=T
     xb = _project(x, B1, shared)  # (N, M, R) view
     b2 = torch.zeros(O, device=x.device, dtype=x.dtype) if b2 is None else b2.contiguous()
     bn1, bn2 = (t.contiguous() if t is not None else None for t in bias_noise)
-    A1, A2, W2 = A1.contiguous(), A2.contiguous(), W2.contiguous()
+    A1, A2 = A1.contiguous(), A2.contiguous()
     B2 = B2 if B2.stride(2) == 1 else B2.contiguous()  # any member / hidden strides (antithetic's layout)
     out = torch.empty(N, M, O, device=x.device, dtype=x.dtype)
-    BH, BO, BR = _pow2(H), _pow2(O), _pow2(R)
+    BH, BR = _pow2(H), _pow2(R)
     tf32 = torch.backends.cuda.matmul.allow_tf32  # as torch's own matmuls
     interpreted = _interpreted()
-    pointers = (base, xb, A1, bn1 if bn1 is not None else A1, W2, b2, B2, A2, bn2 if bn2 is not None else A2, out)
     flags = dict(ACT=_ACT_CODE[activation], HAS_BN1=bn1 is not None, HAS_BN2=bn2 is not None,
-                 PREC="tf32" if tf32 else "ieee", BH=BH, BO=BO, BR=BR)
+                 PREC="tf32" if tf32 else "ieee", BR=BR)
     strides = (xb.stride(0), xb.stride(1), A1.stride(0), A2.stride(0), B2.stride(0), B2.stride(1), out.stride(0))
+
+    def pointers(w2):
+        return (base, xb, A1, bn1 if bn1 is not None else A1, w2, b2, B2, A2, bn2 if bn2 is not None else A2, out)
+
     if shared and O + R <= 64:  # members stream through a program's rows; its outputs are one tile
         grid = lambda meta: (triton.cdiv(N, meta["MEMBERS"]) * triton.cdiv(M, meta["BM"]),)  # noqa: E731
         fixed = dict(BM=32, MEMBERS=4, num_warps=4, HC=min(32, BH)) if interpreted else (config or {})
-        for k in ("BH", "BO"):
-            flags.pop(k)
         fast_tanh = tf32 and activation == "tanh" and not interpreted
         BC = _pow2(O + R)
         w2t = F.pad(W2.t(), (0, BC - O))  # (H, BC): W2ᵀ, zero columns from O on
         (_mlp_shared_even if fixed else _mlp_shared_kernel_tuned)[grid](
-            *pointers[:4], w2t, *pointers[5:], N, M, H, O, R, *strides, FAST_TANH=fast_tanh, BC=BC,
-            H16=fast_tanh and h16, **flags, **fixed)
+            *pointers(w2t), N, M, H, O, R, *strides, FAST_TANH=fast_tanh, BC=BC, H16=fast_tanh and h16,
+            **flags, **fixed)
         return out
     grid = lambda meta: (N, triton.cdiv(M, meta["BM"]))  # noqa: E731
     fixed = dict(BM=32, num_warps=4) if interpreted else {}
     (_mlp_kernel if fixed else _mlp_kernel_tuned)[grid](  # one member's rows per program
-        *pointers, M, H, O, R, 0 if shared else base.stride(0), *strides, **flags, **fixed)
+        *pointers(W2.contiguous()), M, H, O, R, 0 if shared else base.stride(0), *strides, BH=BH, BO=_pow2(O),
+        **flags, **fixed)
     return out
 
 

@@ -279,9 +279,9 @@ def perturbed_linear_counter(
         raise ValueError(f"perturbed_linear_counter: needs rank >= 1 and N >= 2, got rank={rank}, N={N}")
     scale = sigma / math.sqrt(rank)
     if not fused_rows_available(x, weight, bias) or rank & (rank - 1) or rank > 16:  # the twin
-        A, B = counter_pair_factors(seed, 0, N // 2, O, D, rank, x.device)
-        A_scaled = torch.stack((A, -A), dim=1).flatten(0, 1) * scale
-        B = torch.stack((B, B), dim=1).flatten(0, 1)
+        from ...noise import antithetic_pairs  # here: noise imports this package
+
+        A_scaled, B = antithetic_pairs(*counter_pair_factors(seed, 0, N // 2, O, D, rank, x.device), sigma, rank)
         delta = rows_lowrank_delta(x, A_scaled.to(x.dtype), B.to(x.dtype), bias)
         return torch.addmm(delta, x, weight.t())
     x = x.contiguous()

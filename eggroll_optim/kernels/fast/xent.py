@@ -21,6 +21,12 @@ __all__ = ["fused_cross_entropy_available", "member_cross_entropy"]
 if triton is not None:
 
     @triton.jit
+    def _add_rows(total, lse, picked, label, row_ok, C):
+        """``total + (lse - picked)`` over the valid rows; a label outside ``[0, C)`` gives NaN."""
+        nll = tl.where((label >= 0) & (label < C), lse - picked, float("nan"))
+        return total + tl.where(row_ok, nll, 0.0)
+
+    @triton.jit
     def _xent_rows_kernel(logits_ptr, labels_ptr, out_ptr, B, C, stride_ln, stride_yn, BB: tl.constexpr):
         """Few classes: one row per thread, two loops over the classes (max, then sum of exponentials)."""
         n = tl.program_id(0).to(tl.int64)
@@ -39,15 +45,13 @@ if triton is not None:
                 z = tl.load(row_ptr + c, mask=row_ok, other=0.0).to(tl.float32)
                 sumexp += tl.exp(z - zmax)
                 picked += tl.where(label == c, z, 0.0)
-            nll = zmax + tl.log(sumexp) - picked
-            nll = tl.where((label >= 0) & (label < C), nll, float("nan"))
-            total += tl.where(row_ok, nll, 0.0)
+            total = _add_rows(total, zmax + tl.log(sumexp), picked, label, row_ok, C)
         tl.store(out_ptr + n, tl.sum(total, axis=0) / B)
 
     @triton.jit
     def _xent_kernel(logits_ptr, labels_ptr, out_ptr, B, C, stride_ln, stride_yn,
                      BB: tl.constexpr, BC: tl.constexpr):
-        n = tl.program_id(0)
+        n = tl.program_id(0).to(tl.int64)  # 64-bit offsets: N * B * C can pass 2^31
         cols = tl.arange(0, BC)
         col_ok = cols < C
         total = tl.zeros((BB,), dtype=tl.float32)
@@ -61,9 +65,7 @@ if triton is not None:
             zmax = tl.max(z, axis=1)
             lse = zmax + tl.log(tl.sum(tl.exp(z - zmax[:, None]), axis=1))
             picked = tl.sum(tl.where(cols[None, :] == label[:, None], z, 0.0), axis=1)
-            nll = lse - picked
-            nll = tl.where((label >= 0) & (label < C), nll, float("nan"))
-            total += tl.where(row_ok, nll, 0.0)
+            total = _add_rows(total, lse, picked, label, row_ok, C)
         tl.store(out_ptr + n, tl.sum(total, axis=0) / B)
 
 

@@ -1,13 +1,16 @@
 """Sweep the launch configurations of the fused kernels on the paper's shapes (GPU); prints ms per config.
 
-  mlp    the shared-input MLP kernel (``kernels.fast.mlp``) on the MNIST step's shapes:
-         x (256, 784), 784-256(tanh)-10, N=4096, rank 4, TF32; whole ``_fused`` call (base and x B1 GEMMs
-         included); tiles, register caps, float16 second layer (h16) or TF32
+  mlp    the streaming shared-input MLP kernel (``kernels.fast.mlp``, ``resident=False``) on the MNIST
+         step's shapes: x (256, 784), 784-256(tanh)-10, N=4096, rank 4, TF32; whole ``_fused`` call (base
+         and x B1 GEMMs included); tiles, register caps, float16 second layer (h16) or TF32
+  resident the register-resident MLP kernel (the default for tanh under TF32) on the same shapes, with
+         the factors laid out as ``noise.antithetic_pairs`` returns them, without and with bias noise:
+         programs per SM, register cap, stages, lookahead
   parts  the GEMMs around the MLP kernel: x W1ᵀ + b1, and x B1 (a copy of B1, then cuBLAS)
   rows   the counter-noise rows kernel (``kernels.fast.rows``) alone on the microbenchmark's shapes:
          x (1024, 8192) bf16, rank 1; next to ``x @ W.T`` and ``addmm`` for scale
 Timer: ``triton.testing.do_bench`` (L2 flushed, median). The autotune lists in the kernels come from here.
-Usage: python benchmarks/sweep_kernels.py [rows] [parts] [mlp]
+Usage: python benchmarks/sweep_kernels.py [rows] [parts] [mlp] [resident]
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import torch
 
 from eggroll_optim.kernels.fast._triton import triton
 from eggroll_optim.kernels.fast.mlp import _fused
+from eggroll_optim.noise import antithetic_pairs
 from eggroll_optim.kernels.fast.rows import launch_counter_rows, rows_lowrank_delta
 
 
@@ -36,15 +40,16 @@ def sweep_mlp():
     x = rnd(M, D)
     l1 = (rnd(H, D, s=0.03), rnd(H), rnd(N, H, R, s=0.01), rnd(N, D, R))
     l2 = (rnd(O, H, s=0.06), rnd(O), rnd(N, O, R, s=0.01), rnd(N, H, R))
-    ref = _fused(x, l1, l2, "tanh", True, (None, None), config=dict(BM=32, MEMBERS=8, num_warps=4, HC=32), h16=False)
+    ref = _fused(x, l1, l2, "tanh", True, (None, None), config=dict(BM=32, MEMBERS=8, num_warps=4, HC=32), h16=False,
+                 resident=False)
     results = []
     shapes = ((64, 8, 64, 4), (64, 16, 64, 4), (64, 32, 64, 4), (64, 8, 32, 4), (128, 16, 64, 8), (32, 16, 32, 4))
     for (bm, mem, hc, w), reg, h16 in itertools.product(shapes, (None, 80, 96, 112, 128), (True, False)):
         cfg = dict(BM=bm, MEMBERS=mem, HC=hc, num_warps=w, num_stages=1, **({"maxnreg": reg} if reg else {}))
         try:
-            out = _fused(x, l1, l2, "tanh", True, (None, None), config=cfg, h16=h16)
+            out = _fused(x, l1, l2, "tanh", True, (None, None), config=cfg, h16=h16, resident=False)
             err = ((out - ref).norm() / ref.norm()).item()
-            ms = bench(lambda: _fused(x, l1, l2, "tanh", True, (None, None), config=cfg, h16=h16))
+            ms = bench(lambda: _fused(x, l1, l2, "tanh", True, (None, None), config=cfg, h16=h16, resident=False))
         except Exception as exc:  # noqa: BLE001 - a config that does not fit is reported, not fatal
             print(f"mlp {cfg} h16 {h16}: failed {type(exc).__name__}: {str(exc)[:80]}", flush=True)
             continue
@@ -52,11 +57,45 @@ def sweep_mlp():
         print(f"mlp {cfg} h16 {h16}: {ms:.4f} ms (rel. diff {err:.1e})", flush=True)
     _, cfg, _, h16 = min(results, key=lambda t: t[0])
     for act in ("identity", "relu"):
-        ms = bench(lambda: _fused(x, l1, l2, act, True, (None, None), config=cfg, h16=h16))
+        ms = bench(lambda: _fused(x, l1, l2, act, True, (None, None), config=cfg, h16=h16, resident=False))
         print(f"mlp best config with {act}: {ms:.4f} ms")
     for ms, cfg, err, h in sorted(results, key=lambda t: t[0])[:6]:
         print(f"mlp best: {ms:.4f} ms {cfg} h16 {h} (rel. diff {err:.1e})")
-    print(f"mlp autotuned: {bench(lambda: _fused(x, l1, l2, 'tanh', True, (None, None))):.4f} ms")
+    print(f"mlp autotuned: {bench(lambda: _fused(x, l1, l2, 'tanh', True, (None, None), resident=False)):.4f} ms")
+
+
+def sweep_resident():
+    torch.backends.cuda.matmul.allow_tf32 = True
+    g = torch.Generator(device="cuda").manual_seed(0)
+    N, M, D, H, O, R = 4096, 256, 784, 256, 10, 4
+
+    def rnd(*shape, s=1.0):
+        return torch.randn(*shape, device="cuda", generator=g) * s
+
+    x = torch.rand(M, D, device="cuda", generator=g)
+    l1 = (rnd(H, D, s=0.03), rnd(H), *antithetic_pairs(rnd(N // 2, H, R), rnd(N // 2, D, R), 0.05, R))
+    l2 = (rnd(O, H, s=0.06), rnd(O), *antithetic_pairs(rnd(N // 2, O, R), rnd(N // 2, H, R), 0.05, R))
+    noise = (rnd(N, H, s=0.01), rnd(N, O, s=0.01))
+    print(f"resident: the streaming kernel, autotuned: "
+          f"{bench(lambda: _fused(x, l1, l2, 'tanh', True, (None, None), resident=False)):.4f} ms", flush=True)
+    for bias in ((None, None), noise):
+        ref = _fused(x, l1, l2, "tanh", True, bias, resident=False)
+        results = []
+        for (per_sm, reg), ahead, stages in itertools.product(((3, 168), (6, 168), (4, 128), (2, 232)), (False, True),
+                                                               (2, 3)):
+            cfg = dict(PER_SM=per_sm, LOOKAHEAD=ahead, num_warps=4, num_stages=stages, maxnreg=reg)
+            try:
+                err = ((_fused(x, l1, l2, "tanh", True, bias, resident=True, config=cfg) - ref).norm() / ref.norm()).item()
+                ms = bench(lambda: _fused(x, l1, l2, "tanh", True, bias, resident=True, config=cfg))
+            except Exception as exc:  # noqa: BLE001 - a config that does not fit is reported, not fatal
+                print(f"resident {cfg}: failed {type(exc).__name__}: {str(exc)[:80]}", flush=True)
+                continue
+            results.append((ms, str(cfg)))
+            print(f"resident bias noise {bias[0] is not None} {cfg}: {ms:.4f} ms (rel. diff {err:.1e})", flush=True)
+        for ms, cfg in sorted(results)[:4]:
+            print(f"resident best (bias noise {bias[0] is not None}): {ms:.4f} ms {cfg}")
+        print(f"resident autotuned (bias noise {bias[0] is not None}): "
+              f"{bench(lambda: _fused(x, l1, l2, 'tanh', True, bias)):.4f} ms", flush=True)
 
 
 def mlp_parts():
@@ -96,10 +135,12 @@ def sweep_rows():
 if __name__ == "__main__":
     if not torch.cuda.is_available() or triton is None:
         sys.exit("sweep_kernels.py times the CUDA kernels: it needs a CUDA GPU and Triton")
-    which = sys.argv[1:] or ["rows", "parts", "mlp"]
+    which = sys.argv[1:] or ["rows", "parts", "mlp", "resident"]
     if "parts" in which:
         mlp_parts()
     if "rows" in which:
         sweep_rows()
     if "mlp" in which:
         sweep_mlp()
+    if "resident" in which:
+        sweep_resident()

@@ -92,6 +92,49 @@ def test_fused_kernel_in_triton_interpreter():
     )
 
 
+# shared input, tanh, TF32: the register-resident kernel (M >= 64, H <= 256, O <= 32, rank + bias column <= 16)
+RESIDENT_CASES = [(64, 12, 64, 5, 6, 2), (100, 20, 100, 7, 5, 4), (70, 12, 16, 3, 4, 3), (64, 9, 40, 20, 3, 15),
+                  (130, 6, 256, 10, 9, 1)]
+
+
+def _resident_errors(device, seed):
+    """Relative errors of the resident kernel (forced, and as ``perturbed_mlp`` picks it) against float64."""
+    from eggroll_optim.kernels.fast.mlp import _fused, _resident_fits
+
+    errors = []
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        for i, (M, D, H, O, N, R) in enumerate(RESIDENT_CASES):
+            x, l1, l2 = _inputs(M, D, H, O, N, R, seed=seed + i, device=device)
+            noise = (torch.randn(N, H, device=device) * 0.1, torch.randn(N, O, device=device) * 0.1)
+            assert _resident_fits(M, H, O, R, "tanh", True, R < 16)
+            for layers in ((l1, l2), (_member_major(l1), _member_major(l2))):
+                for bn in ((None, None), noise) if R < 16 else ((None, noise[1]),):
+                    errors.append(_relative_error(x, *layers, "tanh", True, bn))
+                    out = _fused(x, *layers, "tanh", True, bn, resident=True)
+                    assert torch.equal(out, perturbed_mlp(x, *layers, "tanh", True, bn)), "not the resident path"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    return errors
+
+
+def test_resident_kernel_in_triton_interpreter():
+    run_interpreted(
+        """
+        from test_fast_mlp import _resident_errors
+        errors = _resident_errors("cpu", 300)
+        assert max(errors) < 5e-3, errors
+        """
+    )
+
+
+@pytest.mark.cuda
+def test_resident_kernel_on_cuda():
+    errors = _resident_errors("cuda", 400)
+    assert max(errors) < 5e-3, errors
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("case", CASES + [(256, 784, 256, 10, 64, 4, "tanh")])
 def test_fused_kernel_on_cuda(case):

@@ -22,6 +22,7 @@ __all__ = [
     "DEFAULT_BLOCK_PAIRS",
     "antithetic",
     "antithetic_pairs",
+    "antithetic_half",
     "draw_pair_factors",
     "keyed_pair_factors",
     "keyed_pair_normals",
@@ -88,7 +89,7 @@ def antithetic_pairs(
         A_scaled = signed_pairs(A, scale)
     else:
         A_scaled = torch.stack((A, -A), dim=1).flatten(0, 1).mul_(scale)
-    return A_scaled, _pair_rows(B)
+    return _mark(A_scaled, None), _pair_rows(B)
 
 
 def antithetic(
@@ -97,20 +98,48 @@ def antithetic(
     """``antithetic_pairs`` plus ``A_signed (2P, m, r)`` = ``s_i * A`` (the seed API returns it):
     ``(A_scaled, A_signed, B)``."""
     A_signed = torch.stack((A, -A), dim=1).flatten(0, 1)  # (2P, m, r)
-    return A_signed * (sigma / math.sqrt(rank)), A_signed, _pair_rows(B)
+    return _mark(A_signed * (sigma / math.sqrt(rank)), None), A_signed, _pair_rows(B)
+
+
+def _mark(t: torch.Tensor, half: torch.Tensor | None) -> torch.Tensor:
+    """Note on ``t`` (a fresh antithetic ``A_scaled`` or ``B``) that its members come in pairs, with its
+    version counter: an in-place change to ``t`` afterwards voids the note (``antithetic_half``)."""
+    try:
+        t._eggroll_pairs = (t._version, half)
+    except RuntimeError:  # inference-mode tensors keep no version counter: no note, the generic paths
+        pass
+    return t
+
+
+def antithetic_half(t: torch.Tensor) -> tuple[bool, torch.Tensor | None]:
+    """``(paired, half)`` for a tensor made by ``antithetic_pairs``/``antithetic`` and not changed in place
+    since: ``paired`` when members ``2k`` and ``2k + 1`` are a pair (``A_scaled``: rows negated; ``B``:
+    rows equal); for such a ``B`` on CUDA, ``half`` is its ``(n, P, r)`` copy with one row per pair, so
+    ``x B`` and the gradient read half the bytes. ``(False, None)`` for anything else."""
+    note = getattr(t, "_eggroll_pairs", None)
+    if note is None:
+        return False, None
+    try:
+        if t._version != note[0]:
+            return False, None
+    except RuntimeError:
+        return False, None
+    return True, note[1]
 
 
 def _pair_rows(B: torch.Tensor) -> torch.Tensor:
     """``B (P, n, r)`` -> ``(2P, n, r)`` with members ``2k`` and ``2k + 1`` sharing ``B_k``, stored ``(n, 2P, r)``.
 
     On CUDA a Triton transpose-copy writes each pair's two rows at once (29 µs against 48 µs for
-    torch's strided copy, for the MNIST step's 2048 x 784 x 4 on an H200); elsewhere torch copies."""
+    torch's strided copy, for the MNIST step's 2048 x 784 x 4 on an H200), and in the same pass the
+    ``(n, P, r)`` copy that ``antithetic_half`` hands out; elsewhere torch copies."""
     P, n, r = B.shape
     if layout_kernels_available(B):
-        return pair_rows(B).view(n, 2 * P, r).permute(1, 0, 2)
+        B_pop, half = pair_rows(B, half=True)
+        return _mark(B_pop.view(n, 2 * P, r).permute(1, 0, 2), half)
     B_pop = B.new_empty(n, P, 2, r)
     B_pop.copy_(B.permute(1, 0, 2).unsqueeze(2).expand(n, P, 2, r))
-    return B_pop.view(n, 2 * P, r).permute(1, 0, 2)
+    return _mark(B_pop.view(n, 2 * P, r).permute(1, 0, 2), None)
 
 
 def keyed_pair_normals(

@@ -114,6 +114,20 @@ def _resident_errors(device, seed):
                     errors.append(_relative_error(x, *layers, "tanh", True, bn))
                     out = _fused(x, *layers, "tanh", True, bn, resident=True)
                     assert torch.equal(out, perturbed_mlp(x, *layers, "tanh", True, bn)), "not the resident path"
+        from eggroll_optim.noise import antithetic_half, antithetic_pairs
+
+        g = torch.Generator().manual_seed(seed)
+        for M, D, H, O, P, R in ((64, 12, 64, 5, 3, 2), (100, 20, 100, 7, 4, 4)):  # factors straight from
+            # antithetic_pairs: one x B1 per pair (where the layout kernels made B1's per-pair copy)
+            rnd = lambda *s, k=1.0: (torch.randn(*s, generator=g) * k).to(device)  # noqa: E731
+            x = rnd(M, D)
+            l1 = (rnd(H, D, k=0.3), rnd(H), *antithetic_pairs(rnd(P, H, R), rnd(P, D, R), 0.3, R))
+            l2 = (rnd(O, H, k=0.3), rnd(O), *antithetic_pairs(rnd(P, O, R), rnd(P, H, R), 0.3, R))
+            assert antithetic_half(l1[3])[1] is not None
+            errors.append(_relative_error(x, l1, l2, "tanh", True))
+            plain = [(W, b, A.clone(), B.clone()) for W, b, A, B in (l1, l2)]  # unmarked: x B1 per member
+            torch.testing.assert_close(_fused(x, l1, l2, "tanh", True, (None, None)),
+                                       _fused(x, *plain, "tanh", True, (None, None)), rtol=2e-3, atol=2e-3)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
     return errors

@@ -31,6 +31,8 @@ def check(device):
             B = torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
             assert pair_rows_available(B)
             assert torch.equal(pair_rows(B), torch_layout(B)), (shape, dtype)
+            both, one = pair_rows(B, half=True)  # the pair layout and, in the same pass, one row set per pair
+            assert torch.equal(both, torch_layout(B)) and torch.equal(one, B.permute(1, 0, 2)), (shape, dtype)
             P, n, r = shape
             pop = _pair_rows(B)  # (2P, n, r), stored (n, 2P, r)
             assert pop.shape == (2 * P, n, r) and pop.permute(1, 0, 2).is_contiguous()
@@ -55,6 +57,10 @@ def check(device):
             expected = (A.to(acc) * f.to(acc)[:, None, None]).permute(1, 0, 2).contiguous()
             got = scaled_transpose(A, f, acc)
             assert got.dtype == acc and torch.equal(got, expected), ("transpose", shape, dtype)
+            wide = torch.randn(shape[0], 2, *shape[1:], generator=g).to(device=device, dtype=dtype)
+            got = scaled_transpose(wide[:, 0], f, acc)  # every other row of a bigger tensor, read by strides
+            expected = (wide[:, 0].to(acc) * f.to(acc)[:, None, None]).permute(1, 0, 2).contiguous()
+            assert torch.equal(got, expected), ("strided transpose", shape, dtype)
 
 
 def test_kernel_in_triton_interpreter():
@@ -75,8 +81,9 @@ def test_kernel_on_cuda():
 def check_callers(device):
     """``noise.antithetic_pairs`` and ``kernels.gradient.lowrank_gradient_sum`` through the kernels, against
     float64 references; a fitness that broadcasts (shape (1,)) takes the torch path."""
+    from eggroll_optim.kernels.fast.pairs import layout_kernels_available
     from eggroll_optim.kernels.gradient import lowrank_gradient_sum
-    from eggroll_optim.noise import antithetic_pairs
+    from eggroll_optim.noise import antithetic_half, antithetic_pairs
 
     g = torch.Generator().manual_seed(1)
     P, m, n, r = 6, 5, 7, 3
@@ -90,6 +97,17 @@ def check_callers(device):
     torch.testing.assert_close(d(lowrank_gradient_sum(f, A_s, B_pop)), expected, rtol=1e-5, atol=1e-5)
     expected1 = torch.einsum("n,nmr,nkr->mk", d(f[:1]).expand(2 * P), d(A_s), d(B_pop))
     torch.testing.assert_close(d(lowrank_gradient_sum(f[:1], A_s, B_pop)), expected1, rtol=1e-5, atol=1e-5)
+    # the pair path (the kernels made B's one-row-per-pair copy) against the generic one on unmarked copies
+    paired, half = antithetic_half(B_pop)
+    assert paired and antithetic_half(A_s)[0] and (half is not None) == layout_kernels_available(B)
+    plain = lowrank_gradient_sum(f, A_s.clone(), B_pop.clone())
+    torch.testing.assert_close(lowrank_gradient_sum(f, A_s, B_pop), plain, rtol=1e-5, atol=1e-5)
+    B_pop[3].mul_(2.0)  # an in-place change voids the pair note: the generic path, the new values
+    assert antithetic_half(B_pop) == (False, None)
+    expected = torch.einsum("n,nmr,nkr->mk", d(f), d(A_s), d(B_pop))
+    torch.testing.assert_close(d(lowrank_gradient_sum(f, A_s, B_pop)), expected, rtol=1e-5, atol=1e-5)
+    A_s[0].neg_()
+    assert antithetic_half(A_s) == (False, None)
 
 
 def test_callers_in_triton_interpreter():

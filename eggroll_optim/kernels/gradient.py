@@ -18,11 +18,22 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 def lowrank_gradient_sum(fitness: torch.Tensor, A_scaled: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """``Σ_i f_i A_scaled_i B_iᵀ`` as one GEMM ``(m, N r) @ (N r, n)``: ``(N,), (N, m, r), (N, n, r) -> (m, n)``.
 
-    ``B`` laid out ``(n, N, r)``-major (as ``noise.antithetic`` returns it) is read without a copy.
+    ``B`` laid out ``(n, N, r)``-major (as ``noise.antithetic`` returns it) is read without a copy. For
+    factors straight from ``noise.antithetic_pairs`` on CUDA (members ``2k``, ``2k + 1`` share ``B_k`` and
+    carry ``±A_k``, unchanged since), the sum runs over the pairs:
+    ``Σ_k (f_2k - f_2k+1) A_scaled_2k B_kᵀ``, half the GEMM's depth and bytes (the same sum, rounded
+    differently).
     """
+    from ..noise import antithetic_half  # here: noise imports kernels.fast, which imports this package's siblings
+
     acc = accumulation_dtype(A_scaled.dtype)
     N, m, r = A_scaled.shape
     if fitness.shape == (N,) and layout_kernels_available(A_scaled, fitness):  # one Triton pass: f·A transposed
+        paired, half = antithetic_half(B)
+        if paired and half is not None and antithetic_half(A_scaled)[0]:
+            d = fitness[0::2] - fitness[1::2]  # (P,): each pair's + member minus its - member
+            fA = scaled_transpose(A_scaled[0::2], d, acc).view(m, N // 2 * r)
+            return fA @ half.to(acc).view(half.shape[0], N // 2 * r).t()
         fA = scaled_transpose(A_scaled, fitness, acc).view(m, N * r)
     else:
         fA = (A_scaled.to(acc) * fitness.to(acc)[:, None, None]).permute(1, 0, 2).reshape(m, N * r)

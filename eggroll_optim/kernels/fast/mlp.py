@@ -291,12 +291,13 @@ if triton is not None:
         N, M, H, O, stride_xb_n, stride_xb_m, stride_a1_n, stride_a2_n, stride_bb2_n, stride_bb2_h, stride_out_n,
         R: tl.constexpr, RP: tl.constexpr, HAS_BN1: tl.constexpr, HAS_BN2: tl.constexpr, FAST: tl.constexpr,
         BM: tl.constexpr, HC: tl.constexpr, NC: tl.constexpr, BO: tl.constexpr, EVEN_M: tl.constexpr,
-        EVEN_H: tl.constexpr, PER_SM: tl.constexpr, LOOKAHEAD: tl.constexpr,
+        EVEN_H: tl.constexpr, PER_SM: tl.constexpr, LOOKAHEAD: tl.constexpr, PAIR: tl.constexpr,
     ):
         """Shared input, tanh under TF32: a persistent program keeps ``BM`` rows of ``x W1ᵀ + b1`` (all
         ``NC * HC >= H`` hidden units, float16) and ``W2ᵀ`` in registers and streams its share of the
         members through them, so per member only the factors are read. ``grid = row tiles x P``;
-        ``PER_SM`` only sizes the grid (programs per SM).
+        ``PER_SM`` only sizes the grid (programs per SM). ``PAIR`` = 2: ``x B1`` holds one row set per
+        antithetic pair (members ``2k``, ``2k + 1`` share ``B1_k``), read for member ``n`` at ``n // 2``.
 
         Layer 1 is one float16 tensor-core product per chunk with the base as its float16
         accumulator: ``pre = base + [x B1_n | 1] [A1_n | bn1_n]ᵀ``, the rank padded to 16 by
@@ -333,7 +334,7 @@ if triton is not None:
             w23 = _resident_w2(w2_ptr, 3 * HC, H, HC, BO, EVEN_H)
         for n32 in range(lo, hi):
             n = tl.cast(n32, tl.int64)  # 64-bit offsets: N * M * O can pass 2^31
-            xb = tl.load(xb_ptr + n * stride_xb_n + rows64[:, None] * stride_xb_m + rk[None, :],
+            xb = tl.load(xb_ptr + (n // PAIR) * stride_xb_n + rows64[:, None] * stride_xb_m + rk[None, :],
                          mask=row_ok[:, None] & (rk < R)[None, :], other=0.0)  # (BM, RP)
             if HAS_BN1:
                 xb = tl.where((rk == R)[None, :], 1.0, xb)
@@ -471,7 +472,7 @@ def _resident_fits(M, H, O, R, activation, tf32, has_bn1) -> bool:
     return activation == "tanh" and tf32 and H <= 256 and O <= 32 and R + has_bn1 <= 16 and M >= _RESIDENT_BM
 
 
-def _launch_resident(base, xb, A1, bn1, W2, b2, B2, A2, bn2, out, config=None):
+def _launch_resident(base, xb, A1, bn1, W2, b2, B2, A2, bn2, out, config=None, pair=1):
     N, H, R = A1.shape
     M, O = base.shape[0], W2.shape[0]
     BO = _pow2(O)
@@ -490,7 +491,7 @@ def _launch_resident(base, xb, A1, bn1, W2, b2, B2, A2, bn2, out, config=None):
         N, M, H, O, xb.stride(0), xb.stride(1), A1.stride(0), A2.stride(0), B2.stride(0), B2.stride(1),
         out.stride(0), R=R, RP=_pow2(R + (bn1 is not None), 1), HAS_BN1=bn1 is not None,
         HAS_BN2=bn2 is not None, FAST=not interpreted, BM=_RESIDENT_BM, HC=HC, NC=triton.cdiv(H, HC), BO=BO,
-        **fixed)
+        PAIR=pair, **fixed)
     return out
 
 
@@ -500,7 +501,6 @@ def _fused(x, layer1, layer2, activation, shared, bias_noise, config=None, h16=T
     N, H, R = A1.shape
     M, O = x.shape[-2], W2.shape[0]
     base = F.linear(x, W1, b1).contiguous()  # (M, H) once when shared, else (N, M, H)
-    xb = _project(x, B1, shared)  # (N, M, R) view
     b2 = torch.zeros(O, device=x.device, dtype=x.dtype) if b2 is None else b2.contiguous()
     bn1, bn2 = (t.contiguous() if t is not None else None for t in bias_noise)
     A1, A2 = A1.contiguous(), A2.contiguous()
@@ -511,15 +511,22 @@ def _fused(x, layer1, layer2, activation, shared, bias_noise, config=None, h16=T
     interpreted = _interpreted()
     flags = dict(ACT=_ACT_CODE[activation], HAS_BN1=bn1 is not None, HAS_BN2=bn2 is not None,
                  PREC="tf32" if tf32 else "ieee", BR=BR)
+    if resident is None:
+        resident = shared and _resident_fits(M, H, O, R, activation, tf32, bn1 is not None)
+    if resident:  # base rows and W2ᵀ stay in registers; members stream through
+        from ...noise import antithetic_half  # here: noise imports this package
+
+        paired, half = antithetic_half(B1)
+        if paired and half is not None:  # one x B1 per antithetic pair: half the GEMM
+            xb = (x @ half.view(half.shape[0], -1)).view(M, N // 2, R).transpose(0, 1)
+            return _launch_resident(base, xb, A1, bn1, W2, b2, B2, A2, bn2, out, config, pair=2)
+        return _launch_resident(base, _project(x, B1, True), A1, bn1, W2, b2, B2, A2, bn2, out, config)
+    xb = _project(x, B1, shared)  # (N, M, R) view
     strides = (xb.stride(0), xb.stride(1), A1.stride(0), A2.stride(0), B2.stride(0), B2.stride(1), out.stride(0))
 
     def pointers(w2):
         return (base, xb, A1, bn1 if bn1 is not None else A1, w2, b2, B2, A2, bn2 if bn2 is not None else A2, out)
 
-    if resident is None:
-        resident = shared and _resident_fits(M, H, O, R, activation, tf32, bn1 is not None)
-    if resident:  # base rows and W2ᵀ stay in registers; members stream through
-        return _launch_resident(base, xb, A1, bn1, W2, b2, B2, A2, bn2, out, config)
     if shared and O + R <= 64:  # members stream through a program's rows; its outputs are one tile
         grid = lambda meta: (triton.cdiv(N, meta["MEMBERS"]) * triton.cdiv(M, meta["BM"]),)  # noqa: E731
         fixed = dict(BM=32, MEMBERS=4, num_warps=4, HC=min(32, BH)) if interpreted else (config or {})

@@ -6,7 +6,8 @@
   (``noise.antithetic_pairs``), the values of torch's stack-then-scale bit for bit (not float64:
   Triton passes the scale as float32, where torch multiplies float64 by the double);
 - ``scaled_transpose``: ``A (N, m, r)``, ``f (N,)`` -> ``(m, N, r)`` = ``f_n A_n`` (the gradient GEMM's
-  left operand, ``kernels.gradient``).
+  left operand, ``kernels.gradient``; for an antithetic population, the pairs' ``+`` members and the
+  fitness differences).
 """
 from __future__ import annotations
 
@@ -24,19 +25,25 @@ _BLOCK = 4096  # values a program for signed_pairs
 if triton is not None:
 
     @triton.jit
-    def _transpose_rows_kernel(src_ptr, scale_ptr, dst_ptr, P, n, R: tl.constexpr, RP: tl.constexpr,
-                               C: tl.constexpr, HAS_SCALE: tl.constexpr, BP: tl.constexpr, BI: tl.constexpr):
+    def _transpose_rows_kernel(src_ptr, scale_ptr, dst_ptr, half_ptr, P, n, src_stride, R: tl.constexpr,
+                               RP: tl.constexpr, C: tl.constexpr, HAS_SCALE: tl.constexpr, HALF: tl.constexpr,
+                               BP: tl.constexpr, BI: tl.constexpr):
         """``dst[i, p, c, :] = src[p, i, :] (* scale[p])`` for ``c < C`` (1 or 2): a ``(BP, BI)`` tile, read
-        along ``(i, r)``, written along ``(p, c, r)`` with the ``C`` copies of a row in one store."""
+        along ``(i, r)``, written along ``(p, c, r)`` with the ``C`` copies of a row in one store; ``HALF``:
+        also ``half[i, p, :] = src[p, i, :]``. ``src_stride``: elements between consecutive ``p``."""
         tile = tl.program_id(0).to(tl.int64)  # one grid axis (up to 2^31 - 1 tiles): P and n can both be large
         tiles_i = tl.cdiv(n, BI)
         p = (tile // tiles_i) * BP + tl.arange(0, BP)
         i = (tile % tiles_i) * BI + tl.arange(0, BI)
         r = tl.arange(0, RP)
         ok = (p < P)[:, None, None] & (i < n)[None, :, None] & (r < R)[None, None, :]
-        v = tl.load(src_ptr + (p[:, None, None] * n + i[None, :, None]) * R + r[None, None, :], mask=ok)
+        v = tl.load(src_ptr + p[:, None, None] * src_stride + i[None, :, None] * R + r[None, None, :], mask=ok)
         if HAS_SCALE:
             v = (v * tl.load(scale_ptr + p, mask=p < P, other=0.0)[:, None, None]).to(dst_ptr.dtype.element_ty)
+        if HALF:
+            ok1 = (i < n)[:, None, None] & (p < P)[None, :, None] & (r < R)[None, None, :]
+            tl.store(half_ptr + (i[:, None, None] * P + p[None, :, None]) * R + r[None, None, :],
+                     tl.permute(v, (1, 0, 2)), mask=ok1)
         if C == 2:
             v = tl.reshape(tl.permute(tl.join(v, v), (1, 0, 3, 2)), (BI, BP, 2 * RP))  # (i, p, [copy, r])
         else:
@@ -70,23 +77,29 @@ def layout_kernels_available(*tensors: torch.Tensor) -> bool:
     )
 
 
-def _transpose(src: torch.Tensor, copies: int, scale: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+def _transpose(src: torch.Tensor, copies: int, scale: torch.Tensor | None, out_dtype: torch.dtype,
+               half: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``src (P, n, R)`` with unit strides in ``(n, R)`` (any member stride) -> ``(n, P, copies, R)``
+    (and the ``(n, P, R)`` copy when ``half``)."""
     P, n, R = src.shape
     out = torch.empty((n, P, copies, R), device=src.device, dtype=out_dtype)
+    out_half = torch.empty((n, P, R), device=src.device, dtype=out_dtype) if half else None
     _transpose_rows_kernel[(triton.cdiv(P, _BP) * triton.cdiv(n, _BI),)](
-        src, scale if scale is not None else src, out, P, n, R=R, RP=_pow2(R, 1), C=copies,
-        HAS_SCALE=scale is not None, BP=_BP, BI=_BI, num_warps=4)
-    return out
+        src, scale if scale is not None else src, out, out_half if half else out, P, n, src.stride(0), R=R,
+        RP=_pow2(R, 1), C=copies, HAS_SCALE=scale is not None, HALF=half, BP=_BP, BI=_BI, num_warps=4)
+    return (out, out_half) if half else out
 
 
-def pair_rows(B: torch.Tensor) -> torch.Tensor:
-    """``B (P, n, r)`` contiguous -> ``(n, P, 2, r)`` with ``[:, p, 0]`` and ``[:, p, 1]`` both ``B[p]ᵀ``."""
-    return _transpose(B, 2, None, B.dtype)
+def pair_rows(B: torch.Tensor, half: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``B (P, n, r)`` contiguous -> ``(n, P, 2, r)`` with ``[:, p, 0]`` and ``[:, p, 1]`` both ``B[p]ᵀ``;
+    ``half=True`` also returns ``(n, P, r)``, one copy per pair (the same pass: ``x B`` and the gradient
+    of an antithetic population read half the bytes through it)."""
+    return _transpose(B, 2, None, B.dtype, half)
 
 
 def scaled_transpose(A: torch.Tensor, f: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """``A (N, m, r)`` contiguous, ``f (N,)`` -> ``(m, N, r)`` in ``out_dtype``: ``f_n A_n`` (computed in
-    the wider of the two dtypes, as torch's ``A.to(out_dtype) * f`` does)."""
+    """``A (N, m, r)`` (unit strides in ``(m, r)``), ``f (N,)`` -> ``(m, N, r)`` in ``out_dtype``: ``f_n A_n``
+    (computed in the wider of the two dtypes, as torch's ``A.to(out_dtype) * f`` does)."""
     return _transpose(A, 1, f.to(out_dtype).contiguous(), out_dtype).view(A.shape[1], A.shape[0], A.shape[2])
 
 

@@ -3,9 +3,10 @@
   mlp    the streaming shared-input MLP kernel (``kernels.fast.mlp``, ``resident=False``) on the MNIST
          step's shapes: x (256, 784), 784-256(tanh)-10, N=4096, rank 4, TF32; whole ``_fused`` call (base
          and x B1 GEMMs included); tiles, register caps, float16 second layer (h16) or TF32
-  resident the register-resident MLP kernel (the default for tanh under TF32) on the same shapes, with
-         the factors laid out as ``noise.antithetic_pairs`` returns them, without and with bias noise:
-         programs per SM, register cap, stages, lookahead
+  resident the register-resident MLP kernels (the default for tanh under TF32) on the same shapes, with
+         the factors as ``noise.antithetic_pairs`` returns them: without bias noise the twin kernel (one
+         layer-1 product per antithetic pair), with it one per member; programs per SM, register cap,
+         stages, lookahead
   parts  the GEMMs around the MLP kernel: x W1ᵀ + b1, and x B1 (a copy of B1, then cuBLAS)
   rows   the counter-noise rows kernel (``kernels.fast.rows``) alone on the microbenchmark's shapes:
          x (1024, 8192) bf16, rank 1; next to ``x @ W.T`` and ``addmm`` for scale

@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["SHAPINGS", "centered_rank", "check_fitness", "identity", "resolve_shaping", "zscore"]
+__all__ = ["SHAPINGS", "centered_rank", "check_fitness", "identity", "resolve_shaping", "validate_fitness", "zscore"]
 
 Shaping = Callable[[torch.Tensor], torch.Tensor]
 NAN_POLICIES = ("raise", "worst", "skip")
@@ -18,7 +18,13 @@ NAN_POLICIES = ("raise", "worst", "skip")
 def zscore(fitness: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """``(f - mean f) / sqrt(var f + eps)`` with the population variance (ddof 0).
 
-    All-equal fitness gives exact zeros (the mean of equal floats can be off by one ulp)."""
+    All-equal fitness gives exact zeros (the mean of equal floats can be off by one ulp). A float32
+    CUDA fitness takes one Triton launch (``kernels.fast.zscore``; the same formula, summed in another
+    order) instead of a dozen small kernels."""
+    from .kernels.fast.zscore import fused_zscore, fused_zscore_available  # here: kernels import shaping's users
+
+    if fused_zscore_available(fitness):
+        return fused_zscore(fitness, eps)
     centered = fitness - fitness.mean()
     centered = torch.where(fitness.amax() == fitness.amin(), torch.zeros_like(centered), centered)
     return centered / torch.sqrt(centered.square().mean() + eps)
@@ -79,16 +85,7 @@ def check_fitness(
     ``"skip"`` never syncs (CUDA graphs): if any member is NaN/inf, every member gets fitness 0,
     so the step's update is exactly zero and the weights stay as they were.
     """
-    if not isinstance(fitness, torch.Tensor):
-        raise TypeError(f"fitness must be a torch.Tensor of shape ({population_size},), got {type(fitness).__name__}")
-    if fitness.shape != (population_size,):
-        raise ValueError(f"fitness must have shape ({population_size},), got {tuple(fitness.shape)}")
-    if not fitness.is_floating_point():
-        raise TypeError(f"fitness must be a floating-point tensor, got {fitness.dtype}; use fitness.float()")
-    if device is not None and not same_device(fitness.device, torch.device(device)):
-        raise ValueError(f"fitness is on {fitness.device}, expected {device} (the parameters' device)")
-    if nan_policy not in NAN_POLICIES:
-        raise ValueError(f"Unknown nan_policy {nan_policy!r}; expected one of {NAN_POLICIES}")
+    validate_fitness(fitness, population_size, device, nan_policy)
     if nan_policy == "skip":
         return torch.where(torch.isfinite(fitness).all(), fitness, torch.zeros_like(fitness))
     bad = ~torch.isfinite(fitness)
@@ -101,3 +98,17 @@ def check_fitness(
         f"fitness has {len(idx)} NaN/inf member(s) of {population_size}, at indices {idx[:8]}"
         f"{' ...' if len(idx) > 8 else ''}; pass nan_policy='worst' to rank them last"
     )
+
+
+def validate_fitness(fitness, population_size: int, device: torch.device | None, nan_policy: str) -> None:
+    """``check_fitness``'s checks of type, shape, dtype, device and policy (no look at the values)."""
+    if not isinstance(fitness, torch.Tensor):
+        raise TypeError(f"fitness must be a torch.Tensor of shape ({population_size},), got {type(fitness).__name__}")
+    if fitness.shape != (population_size,):
+        raise ValueError(f"fitness must have shape ({population_size},), got {tuple(fitness.shape)}")
+    if not fitness.is_floating_point():
+        raise TypeError(f"fitness must be a floating-point tensor, got {fitness.dtype}; use fitness.float()")
+    if device is not None and not same_device(fitness.device, torch.device(device)):
+        raise ValueError(f"fitness is on {fitness.device}, expected {device} (the parameters' device)")
+    if nan_policy not in NAN_POLICIES:
+        raise ValueError(f"Unknown nan_policy {nan_policy!r}; expected one of {NAN_POLICIES}")

@@ -18,7 +18,7 @@ def torch_layout(B):
 
 def check(device):
     from eggroll_optim.kernels.fast.pairs import (
-        layout_kernels_available, pair_rows, scaled_transpose, signed_pairs,
+        layout_kernels_available, pair_rows, pair_scaled_transpose, scaled_transpose, signed_pairs,
     )
     from eggroll_optim.noise import _pair_rows
 
@@ -61,6 +61,11 @@ def check(device):
             got = scaled_transpose(wide[:, 0], f, acc)  # every other row of a bigger tensor, read by strides
             expected = (wide[:, 0].to(acc) * f.to(acc)[:, None, None]).permute(1, 0, 2).contiguous()
             assert torch.equal(got, expected), ("strided transpose", shape, dtype)
+            f2 = torch.randn(2 * shape[0], generator=g, dtype=torch.float64).to(device)
+            diff = f2.to(acc)[0::2] - f2.to(acc)[1::2]
+            got = pair_scaled_transpose(wide[:, 0], f2, acc)  # a pair's fitness difference, taken in the kernel
+            expected = (wide[:, 0].to(acc) * diff[:, None, None]).permute(1, 0, 2).contiguous()
+            assert torch.equal(got, expected), ("pair transpose", shape, dtype)
 
 
 def test_kernel_in_triton_interpreter():

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from .fast.pairs import layout_kernels_available, scaled_transpose
+from .fast.pairs import layout_kernels_available, pair_scaled_transpose, scaled_transpose
 
 __all__ = ["accumulation_dtype", "es_gradient", "lowrank_gradient_sum", "fullrank_gradient_sum"]
 
@@ -31,8 +31,8 @@ def lowrank_gradient_sum(fitness: torch.Tensor, A_scaled: torch.Tensor, B: torch
     if fitness.shape == (N,) and layout_kernels_available(A_scaled, fitness):  # one Triton pass: f·A transposed
         paired, half = antithetic_half(B)
         if paired and half is not None and antithetic_half(A_scaled)[0]:
-            d = fitness[0::2] - fitness[1::2]  # (P,): each pair's + member minus its - member
-            fA = scaled_transpose(A_scaled[0::2], d, acc).view(m, N // 2 * r)
+            # (f_2k - f_2k+1) A_scaled_2k, transposed, in one pass
+            fA = pair_scaled_transpose(A_scaled[0::2], fitness, acc).view(m, N // 2 * r)
             return fA @ half.to(acc).view(half.shape[0], N // 2 * r).t()
         fA = scaled_transpose(A_scaled, fitness, acc).view(m, N * r)
     else:

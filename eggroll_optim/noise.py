@@ -102,29 +102,43 @@ def antithetic(
 
 
 def _mark(t: torch.Tensor, half: torch.Tensor | None) -> torch.Tensor:
-    """Note on ``t`` (a fresh antithetic ``A_scaled`` or ``B``) that its members come in pairs, with its
-    version counter: an in-place change to ``t`` afterwards voids the note (``antithetic_half``)."""
+    """Note on ``t`` (a fresh antithetic ``A_scaled`` or ``B``) that its members come in pairs, with what
+    ``antithetic_half`` checks before trusting it: ``t``'s version counter and data pointer, and whether
+    it was made while a CUDA graph was being captured."""
     try:
-        t._eggroll_pairs = (t._version, half)
+        t._eggroll_pairs = (t._version, t.data_ptr(), _capturing(t), half)
     except RuntimeError:  # inference-mode tensors keep no version counter: no note, the generic paths
         pass
     return t
 
 
+def _capturing(t: torch.Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def antithetic_half(t: torch.Tensor) -> tuple[bool, torch.Tensor | None]:
-    """``(paired, half)`` for a tensor made by ``antithetic_pairs``/``antithetic`` and not changed in place
-    since: ``paired`` when members ``2k`` and ``2k + 1`` are a pair (``A_scaled``: rows negated; ``B``:
-    rows equal); for such a ``B`` on CUDA, ``half`` is its ``(n, P, r)`` copy with one row per pair, so
-    ``x B`` and the gradient read half the bytes. ``(False, None)`` for anything else."""
+    """``(paired, half)`` for a tensor made by ``antithetic_pairs``/``antithetic`` and not changed since:
+    ``paired`` when members ``2k`` and ``2k + 1`` are a pair (``A_scaled``: rows negated; ``B``: rows
+    equal); for such a ``B`` on CUDA, ``half`` is its ``(n, P, r)`` copy with one row per pair, so ``x B``
+    and the gradient read half the bytes. ``(False, None)`` for anything else.
+
+    "Not changed" is what torch can see: an in-place op (the version counter) or a new storage (the data
+    pointer). Writes that bypass both (through ``.data``, or a DLPack/NumPy alias) are not seen: do not
+    edit the factors that way, or ``clone()`` them first (a copy carries no note). While a CUDA graph is
+    being captured, only factors made inside that capture count: the graph then redraws them, and their
+    per-pair copy, at every replay, whereas factors captured as inputs may be refilled between replays."""
     note = getattr(t, "_eggroll_pairs", None)
     if note is None:
         return False, None
+    version, ptr, captured, half = note
     try:
-        if t._version != note[0]:
+        if t._version != version or t.data_ptr() != ptr:
             return False, None
     except RuntimeError:
         return False, None
-    return True, note[1]
+    if _capturing(t) and not captured:
+        return False, None
+    return True, half
 
 
 def _pair_rows(B: torch.Tensor) -> torch.Tensor:

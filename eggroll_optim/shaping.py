@@ -18,9 +18,10 @@ NAN_POLICIES = ("raise", "worst", "skip")
 def zscore(fitness: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """``(f - mean f) / sqrt(var f + eps)`` with the population variance (ddof 0).
 
-    All-equal fitness gives exact zeros (the mean of equal floats can be off by one ulp). A float32
-    CUDA fitness takes one Triton launch (``kernels.fast.zscore``; the same formula, summed in another
-    order) instead of a dozen small kernels."""
+    All-equal fitness gives exact zeros (the mean of equal floats can be off by one ulp). A contiguous
+    1-D float32 CUDA fitness (up to 2^22 members) takes one Triton launch (``kernels.fast.zscore``: the
+    same formula summed in another order, NaN everywhere for a NaN/inf member as here) instead of a
+    dozen small kernels."""
     from .kernels.fast.zscore import fused_zscore, fused_zscore_available  # here: kernels import shaping's users
 
     if fused_zscore_available(fitness):

@@ -99,7 +99,8 @@ RESIDENT_CASES = [(64, 12, 64, 5, 6, 2), (100, 20, 100, 7, 5, 4), (70, 12, 16, 3
 
 def _resident_errors(device, seed):
     """Relative errors of the resident kernel (forced, and as ``perturbed_mlp`` picks it) against float64."""
-    from eggroll_optim.kernels.fast.mlp import _fused, _resident_fits
+    from eggroll_optim.kernels.fast.mlp import _fused
+    from eggroll_optim.kernels.fast.resident import resident_fits
 
     errors = []
     previous = torch.backends.cuda.matmul.allow_tf32
@@ -108,7 +109,7 @@ def _resident_errors(device, seed):
         for i, (M, D, H, O, N, R) in enumerate(RESIDENT_CASES):
             x, l1, l2 = _inputs(M, D, H, O, N, R, seed=seed + i, device=device)
             noise = (torch.randn(N, H, device=device) * 0.1, torch.randn(N, O, device=device) * 0.1)
-            assert _resident_fits(M, H, O, R, "tanh", True, R < 16)
+            assert resident_fits(M, H, O, R, "tanh", True, R < 16)
             for layers in ((l1, l2), (_member_major(l1), _member_major(l2))):
                 for bn in ((None, None), noise) if R < 16 else ((None, noise[1]),):
                     errors.append(_relative_error(x, *layers, "tanh", True, bn))
@@ -135,6 +136,22 @@ def _resident_errors(device, seed):
             bn2 = rnd(2 * P, O, k=0.1)  # layer-2 bias noise keeps the twin kernel; layer-1 bias noise does not
             errors.append(_relative_error(x, l1, l2, "tanh", True, (None, bn2)))
             errors.append(_relative_error(x, l1, l2, "tanh", True, (rnd(2 * P, H, k=0.1), bn2)))
+            slow = dict(PER_SM=2, LOOKAHEAD=False, num_warps=4)  # the other schedule of the chunks
+            assert close(_fused(x, l1, l2, "tanh", True, (None, None), config=slow), twin)
+            assert close(_fused(x, l1, l2, "tanh", True, (None, None), config=slow, twin=False), twin)
+            # a layer 2 that is not antithetic (or no longer is) must not take the twin kernel's shared B2 loads
+            errors.append(_relative_error(x, l1, (l2[0], l2[1], rnd(2 * P, O, R, k=0.3), rnd(2 * P, H, R)), "tanh"))
+            W2, b2, A2, B2 = l2
+            B2 = B2.clone().permute(1, 0, 2).contiguous().permute(1, 0, 2)  # a fresh (unmarked) copy
+            l2b = antithetic_pairs(A2[0::2].clone() / A2[0, 0, 0] * A2[0, 0, 0], B2[0::2].contiguous(), 0.3, R)
+            l2b = (W2, b2, *l2b)
+            l2b[3][1].mul_(3.0)  # member 1's B2 changes: the pair note is void
+            assert not antithetic_half(l2b[3])[0]
+            errors.append(_relative_error(x, l1, l2b, "tanh"))
+            # |x B1| and the base past float16's range: they saturate (no inf - inf = NaN); at such magnitudes a
+            # 10-bit mantissa (TF32's too) no longer resolves pre-activations near 0, so only finiteness is checked
+            for kw in ({}, dict(twin=False)):
+                assert torch.isfinite(_fused(x * 1e5, l1, l2, "tanh", True, (None, None), **kw)).all()
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
     return errors

@@ -33,11 +33,16 @@ def check(device):
         bad = f.clone()
         bad[n // 2] = float("nan") if n % 2 else float("inf")
         assert torch.equal(fused_zscore(bad, skip_nonfinite=True), torch.zeros_like(f))  # "skip": no update
-        assert not torch.isfinite(fused_zscore(bad)).all()  # without skip a NaN/inf is not hidden
+        assert torch.isnan(fused_zscore(bad)).all() and torch.isnan(torch_zscore(bad)).all()  # as torch: all NaN
+    one_nan = torch.tensor([float("nan"), 0.0, 0.0, 0.0], device=device)  # max/min skip NaN: not "all equal"
+    assert torch.isnan(fused_zscore(one_nan)).all()
     flat = torch.full((300,), 0.1, device=device)
     assert torch.equal(fused_zscore(flat), torch.zeros_like(flat))  # all equal: exact zeros
     assert not fused_zscore_available(torch.randn(4, 2, device=device))
     assert not fused_zscore_available(torch.randn(4, device=device, dtype=torch.float64))
+    batch = torch.randn(3, 50, generator=g).to(device)  # vmap: batched tensors have no storage, torch's formula
+    got = torch.func.vmap(zscore)(batch)
+    torch.testing.assert_close(got, torch.stack([torch_zscore(b) for b in batch]), rtol=1e-5, atol=1e-6)
 
 
 def test_fused_zscore_in_triton_interpreter():
@@ -54,20 +59,22 @@ def test_fused_zscore_on_cuda():
     check("cuda")
 
 
-def test_eggroll_step_skip_policy_matches_the_torch_path():
-    """``eggroll_step(nan_policy="skip")`` through the fused z-score (interpreter) updates like the torch
-    path, and a NaN member leaves the weights untouched."""
+def test_eggroll_step_skip_policy_matches_the_torch_formula():
+    """``eggroll_step(nan_policy="skip")`` through the fused z-score (interpreter) updates as the torch
+    formula says (float64, by hand), and a NaN member leaves the weights untouched."""
     run_interpreted(
         """
         import torch
+        from test_fast_zscore import torch_zscore
         from eggroll_optim.core import EggrollConfig, eggroll_step, generate_perturbations
         shapes = {"w": (5, 7)}
         perts = generate_perturbations(shapes, 8, 2, 0.1, torch.Generator().manual_seed(0))
         f = torch.randn(8, generator=torch.Generator().manual_seed(1))
-        p1, p2 = {"w": torch.zeros(5, 7)}, {"w": torch.zeros(5, 7)}
+        p1 = {"w": torch.zeros(5, 7)}
         eggroll_step(p1, f, perts, 0.5, 0.1, EggrollConfig(population_size=8), nan_policy="skip")
-        eggroll_step(p2, f, perts, 0.5, 0.1, EggrollConfig(population_size=8), nan_policy="raise")
-        torch.testing.assert_close(p1["w"], p2["w"], rtol=1e-5, atol=1e-6)
+        A, B = (t.double() for t in perts["w"])
+        expected = 0.5 * torch.einsum("n,nir,njr->ij", torch_zscore(f.double()), A, B) / 8 ** 0.5
+        torch.testing.assert_close(p1["w"].double(), expected, rtol=1e-5, atol=1e-6)
         assert p1["w"].abs().sum() > 0
         f[3] = float("nan")
         p3 = {"w": torch.zeros(5, 7)}

@@ -113,6 +113,9 @@ def check_callers(device):
     torch.testing.assert_close(d(lowrank_gradient_sum(f, A_s, B_pop)), expected, rtol=1e-5, atol=1e-5)
     A_s[0].neg_()
     assert antithetic_half(A_s) == (False, None)
+    A_s, B_pop = antithetic_pairs(A, B, 0.2, r)
+    B_pop.data = B_pop.data.clone()  # a new storage under the same tensor: the note is void too
+    assert antithetic_half(B_pop) == (False, None)
 
 
 def test_callers_in_triton_interpreter():

@@ -15,9 +15,12 @@ import torch.nn.functional as F
 
 from .. import linear  # a module reference: linear imports fast.rows, which imports this package
 
+from ._triton import activate as _activate
 from ._triton import interpreted as _interpreted
 from ._triton import pow2 as _pow2
+from ._triton import tanh_f16x2 as _tanh_f16x2
 from ._triton import tl, triton
+from .resident import launch_resident, resident_fits
 
 __all__ = [
     "ACTIVATIONS", "fused_mlp_available", "mlp_block_activation", "mlp_fast_path", "perturbed_mlp",
@@ -55,18 +58,6 @@ def perturbed_mlp_reference(x, layer1, layer2, activation="tanh", shared=True, b
 
 
 if triton is not None:
-
-    @triton.jit
-    def _activate(h, ACT: tl.constexpr, FAST_TANH: tl.constexpr):
-        if ACT == 1:
-            if FAST_TANH:  # one MUFU op, max rel. error ~2^-11: only under TF32 (same precision)
-                h = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [h], dtype=tl.float32,
-                                              is_pure=True, pack=1)
-            else:
-                h = 1.0 - 2.0 / (tl.exp(2.0 * h) + 1.0)
-        elif ACT == 2:
-            h = tl.maximum(h, 0.0)
-        return h
 
     @triton.jit
     def _mlp_kernel(
@@ -109,12 +100,6 @@ if triton is not None:
         tl.store(out_ptr + n * stride_out_n + rows[:, None] * O + outs[None, :], y,
                  mask=row_ok[:, None] & out_ok[None, :])
 
-
-    @triton.jit
-    def _tanh_f16x2(h):
-        """tanh of a float16 tensor, two values per MUFU op (``tanh.approx.f16x2``)."""
-        return tl.inline_asm_elementwise("tanh.approx.f16x2 $0, $1;", "=r,r", [h], dtype=tl.float16, is_pure=True,
-                                         pack=2)
 
     @triton.jit
     def _mlp_shared_kernel(
@@ -225,305 +210,6 @@ if triton is not None:
         tl.store(out_ptr + mem[:, None] * O + outs[None, :], y, mask=m_ok[:, None] & o_ok[None, :])
 
 
-    @triton.jit
-    def _pad16(t, RP: tl.constexpr):
-        """``(X, RP)`` -> ``(X, 16)`` with column ``k`` at ``k * 16 // RP`` and zeros between: ``tl.dot``'s
-        smallest K, for both operands of a rank-``RP`` product alike (their padding columns meet zeros)."""
-        if RP < 16:
-            t = tl.reshape(tl.join(t, tl.zeros_like(t)), (t.shape[0], 2 * RP))
-        if RP < 8:
-            t = tl.reshape(tl.join(t, tl.zeros_like(t)), (t.shape[0], 4 * RP))
-        if RP < 4:
-            t = tl.reshape(tl.join(t, tl.zeros_like(t)), (t.shape[0], 8 * RP))
-        if RP < 2:
-            t = tl.reshape(tl.join(t, tl.zeros_like(t)), (t.shape[0], 16 * RP))
-        return t
-
-    @triton.jit
-    def _resident_base(base_ptr, rows, row_ok, h0, H, HC: tl.constexpr, EVEN_H: tl.constexpr):
-        """Hidden units ``h0 .. h0 + HC`` (masked past ``H``) of the base rows ``rows``: ``(BM, HC)`` float16."""
-        hid = h0 + tl.arange(0, HC)
-        hid_ok = (hid < H) | EVEN_H
-        return tl.load(base_ptr + rows[:, None] * H + hid[None, :], mask=row_ok[:, None] & hid_ok[None, :],
-                       other=0.0).to(tl.float16)
-
-    @triton.jit
-    def _resident_w2(w2_ptr, h0, H, HC: tl.constexpr, BO: tl.constexpr, EVEN_H: tl.constexpr):
-        """Rows ``h0 .. h0 + HC`` (zero past ``H``) of the padded float16 ``W2ᵀ (H, BO)``."""
-        hid = h0 + tl.arange(0, HC)
-        hid_ok = (hid < H) | EVEN_H
-        return tl.load(w2_ptr + hid[:, None] * BO + tl.arange(0, BO)[None, :], mask=hid_ok[:, None], other=0.0)
-
-    @triton.jit
-    def _resident_layer1(base_c, xb, n, h0, a1_ptr, bn1_ptr, H, stride_a1_n, R: tl.constexpr, RP: tl.constexpr,
-                         HAS_BN1: tl.constexpr, HC: tl.constexpr, EVEN_H: tl.constexpr):
-        """Pre-activations of one chunk of hidden units for member ``n``, float16:
-        ``base + [x B1_n | 1] [A1_n | bn1_n]ᵀ`` (the bias noise rides in the padding column ``R``)."""
-        hid = h0 + tl.arange(0, HC)
-        hid_ok = (hid < H) | EVEN_H
-        rk = tl.arange(0, RP)
-        a1 = tl.load(a1_ptr + n * stride_a1_n + hid[:, None] * R + rk[None, :], mask=hid_ok[:, None] & (rk < R)[None, :],
-                     other=0.0)  # (HC, RP): A1_n, and bn1_n in column R (x B1's column R is 1)
-        if HAS_BN1:
-            a1 += tl.load(bn1_ptr + n * H + hid[:, None] + 0 * rk[None, :], mask=hid_ok[:, None] & (rk == R)[None, :],
-                          other=0.0)
-        # pad, then convert: the other order trips Triton 3.6's pipeliner on some shapes
-        return tl.dot(xb, tl.trans(_pad16(a1, RP).to(tl.float16)), acc=base_c, out_dtype=tl.float16)
-
-    @triton.jit
-    def _resident_layer2(z, zb, pre, w2_c, n, h0, bb2_ptr, H, stride_bb2_n, stride_bb2_h, R: tl.constexpr,
-                         RP: tl.constexpr, HC: tl.constexpr, EVEN_H: tl.constexpr, FAST: tl.constexpr):
-        """``h = tanh(pre)`` (float16), then ``z += h W2ᵀ`` and ``zb += h B2_n`` (float32 accumulators)."""
-        hid = h0 + tl.arange(0, HC)
-        hid_ok = (hid < H) | EVEN_H
-        rk = tl.arange(0, RP)
-        if FAST:
-            h = _tanh_f16x2(pre)
-        else:  # the interpreter has no inline assembly
-            h = _activate(pre.to(tl.float32), 1, False).to(tl.float16)
-        b2 = tl.load(bb2_ptr + n * stride_bb2_n + hid.to(tl.int64)[:, None] * stride_bb2_h + rk[None, :],
-                     mask=hid_ok[:, None] & (rk < R)[None, :], other=0.0)  # (HC, RP)
-        return tl.dot(h, w2_c, acc=z), tl.dot(h, _pad16(b2, RP).to(tl.float16), acc=zb)
-
-    @triton.jit
-    def _mlp_resident_kernel(
-        base_ptr, xb_ptr, a1_ptr, bn1_ptr, w2_ptr, b2_ptr, bb2_ptr, a2_ptr, bn2_ptr, out_ptr,
-        N, M, H, O, stride_xb_n, stride_xb_m, stride_a1_n, stride_a2_n, stride_bb2_n, stride_bb2_h, stride_out_n,
-        R: tl.constexpr, RP: tl.constexpr, HAS_BN1: tl.constexpr, HAS_BN2: tl.constexpr, FAST: tl.constexpr,
-        BM: tl.constexpr, HC: tl.constexpr, NC: tl.constexpr, BO: tl.constexpr, EVEN_M: tl.constexpr,
-        EVEN_H: tl.constexpr, PER_SM: tl.constexpr, LOOKAHEAD: tl.constexpr, PAIR: tl.constexpr,
-    ):
-        """Shared input, tanh under TF32: a persistent program keeps ``BM`` rows of ``x W1ᵀ + b1`` (all
-        ``NC * HC >= H`` hidden units, float16) and ``W2ᵀ`` in registers and streams its share of the
-        members through them, so per member only the factors are read. ``grid = row tiles x P``;
-        ``PER_SM`` only sizes the grid (programs per SM). ``PAIR`` = 2: ``x B1`` holds one row set per
-        antithetic pair (members ``2k``, ``2k + 1`` share ``B1_k``), read for member ``n`` at ``n // 2``.
-
-        Layer 1 is one float16 tensor-core product per chunk with the base as its float16
-        accumulator: ``pre = base + [x B1_n | 1] [A1_n | bn1_n]ᵀ``, the rank padded to 16 by
-        ``_pad16``; float16 keeps TF32's 10-bit mantissa (the low-rank term's entries are of order
-        ``sigma |x B1|``; an ``A1`` entry below 6e-5 is subnormal, under 6e-8 zero, far below the
-        rounding of ``pre``). ``tanh.approx.f16x2`` as in ``_mlp_shared_kernel``. Layer 2:
-        ``y = h W2ᵀ + b2 + (h B2_n) A2_nᵀ (+ bn2_n)``, both products of ``h`` in float16 with float32
-        accumulators, the last one TF32.
-        """
-        row_tiles = tl.cdiv(M, BM)
-        t = tl.program_id(0) % row_tiles
-        j = tl.program_id(0) // row_tiles
-        P = tl.num_programs(0) // row_tiles
-        lo = (j.to(tl.int64) * N // P).to(tl.int32)  # this program's members: [lo, hi)
-        hi = ((j + 1).to(tl.int64) * N // P).to(tl.int32)
-        rows = t * BM + tl.arange(0, BM)
-        rows64 = rows.to(tl.int64)
-        row_ok = (rows < M) | EVEN_M
-        outs, rk, k16 = tl.arange(0, BO), tl.arange(0, RP), tl.arange(0, 16)
-        out_ok = outs < O
-        b2 = tl.load(b2_ptr + outs, mask=out_ok, other=0.0)
-        ka = k16 // (16 // RP)  # zb's column k16 holds rank ka when k16 % (16 // RP) == 0 (_pad16)
-        a2_ok = ((k16 % (16 // RP) == 0) & (ka < R))[:, None] & out_ok[None, :]
-        base0 = _resident_base(base_ptr, rows, row_ok, 0, H, HC, EVEN_H)
-        w20 = _resident_w2(w2_ptr, 0, H, HC, BO, EVEN_H)
-        if NC > 1:
-            base1 = _resident_base(base_ptr, rows, row_ok, HC, H, HC, EVEN_H)
-            w21 = _resident_w2(w2_ptr, HC, H, HC, BO, EVEN_H)
-        if NC > 2:
-            base2 = _resident_base(base_ptr, rows, row_ok, 2 * HC, H, HC, EVEN_H)
-            w22 = _resident_w2(w2_ptr, 2 * HC, H, HC, BO, EVEN_H)
-        if NC > 3:
-            base3 = _resident_base(base_ptr, rows, row_ok, 3 * HC, H, HC, EVEN_H)
-            w23 = _resident_w2(w2_ptr, 3 * HC, H, HC, BO, EVEN_H)
-        for n32 in range(lo, hi):
-            n = tl.cast(n32, tl.int64)  # 64-bit offsets: N * M * O can pass 2^31
-            xb = tl.load(xb_ptr + (n // PAIR) * stride_xb_n + rows64[:, None] * stride_xb_m + rk[None, :],
-                         mask=row_ok[:, None] & (rk < R)[None, :], other=0.0)  # (BM, RP)
-            if HAS_BN1:
-                xb = tl.where((rk == R)[None, :], 1.0, xb)
-            xb = _pad16(xb, RP).to(tl.float16)
-            z = tl.zeros((BM, BO), dtype=tl.float32)
-            zb = tl.zeros((BM, 16), dtype=tl.float32)
-            # chunk c + 1's layer-1 product is issued before chunk c's tanh (LOOKAHEAD): the tensor cores
-            # and the MUFU work of one warp overlap
-            pre0 = _resident_layer1(base0, xb, n, 0, a1_ptr, bn1_ptr, H, stride_a1_n, R, RP, HAS_BN1, HC, EVEN_H)
-            if NC > 1 and LOOKAHEAD:
-                pre1 = _resident_layer1(base1, xb, n, HC, a1_ptr, bn1_ptr, H, stride_a1_n, R, RP, HAS_BN1, HC, EVEN_H)
-            z, zb = _resident_layer2(z, zb, pre0, w20, n, 0, bb2_ptr, H, stride_bb2_n, stride_bb2_h, R, RP, HC,
-                                     EVEN_H, FAST)
-            if NC > 1 and not LOOKAHEAD:
-                pre1 = _resident_layer1(base1, xb, n, HC, a1_ptr, bn1_ptr, H, stride_a1_n, R, RP, HAS_BN1, HC, EVEN_H)
-            if NC > 2 and LOOKAHEAD:
-                pre2 = _resident_layer1(base2, xb, n, 2 * HC, a1_ptr, bn1_ptr, H, stride_a1_n, R, RP, HAS_BN1, HC,
-                                        EVEN_H)
-            if NC > 1:
-                z, zb = _resident_layer2(z, zb, pre1, w21, n, HC, bb2_ptr, H, stride_bb2_n, stride_bb2_h, R, RP, HC,
-                                         EVEN_H, FAST)
-            if NC > 2 and not LOOKAHEAD:
-                pre2 = _resident_layer1(base2, xb, n, 2 * HC, a1_ptr, bn1_ptr, H, stride_a1_n, R, RP, HAS_BN1, HC,
-                                        EVEN_H)
-            if NC > 3:
-                pre3 = _resident_layer1(base3, xb, n, 3 * HC, a1_ptr, bn1_ptr, H, stride_a1_n, R, RP, HAS_BN1, HC,
-                                        EVEN_H)
-            if NC > 2:
-                z, zb = _resident_layer2(z, zb, pre2, w22, n, 2 * HC, bb2_ptr, H, stride_bb2_n, stride_bb2_h, R, RP,
-                                         HC, EVEN_H, FAST)
-            if NC > 3:
-                z, zb = _resident_layer2(z, zb, pre3, w23, n, 3 * HC, bb2_ptr, H, stride_bb2_n, stride_bb2_h, R, RP,
-                                         HC, EVEN_H, FAST)
-            a2t = tl.load(a2_ptr + n * stride_a2_n + outs[None, :] * R + ka[:, None], mask=a2_ok, other=0.0)
-            y = tl.dot(zb, a2t, acc=z, input_precision="tf32") + b2[None, :]
-            if HAS_BN2:
-                y += tl.load(bn2_ptr + n * O + outs, mask=out_ok, other=0.0)[None, :]
-            tl.store(out_ptr + n * stride_out_n + rows[:, None] * O + outs[None, :], y,
-                     mask=row_ok[:, None] & out_ok[None, :])
-
-    @triton.jit
-    def _twin_layer1(xb, n, h0, a1_ptr, H, stride_a1_n, R: tl.constexpr, RP: tl.constexpr, HC: tl.constexpr,
-                     EVEN_H: tl.constexpr):
-        """The low-rank term ``(x B1_n) A1_nᵀ`` of one chunk for member ``n`` (float16)."""
-        hid = h0 + tl.arange(0, HC)
-        hid_ok = (hid < H) | EVEN_H
-        rk = tl.arange(0, RP)
-        a1 = tl.load(a1_ptr + n * stride_a1_n + hid[:, None] * R + rk[None, :], mask=hid_ok[:, None] & (rk < R)[None, :],
-                     other=0.0)  # (HC, RP)
-        return tl.dot(xb, tl.trans(_pad16(a1, RP).to(tl.float16)), out_dtype=tl.float16)
-
-    @triton.jit
-    def _twin_layer2(z0, zb0, z1, zb1, base_c, low, w2_c, n, h0, bb2_ptr, H, stride_bb2_n, stride_bb2_h,
-                     R: tl.constexpr, RP: tl.constexpr, HC: tl.constexpr, EVEN_H: tl.constexpr, FAST: tl.constexpr):
-        """Both members of a pair: ``h± = tanh(base ± low)``, then ``z± += h± W2ᵀ``, ``zb± += h± B2_n``."""
-        hid = h0 + tl.arange(0, HC)
-        hid_ok = (hid < H) | EVEN_H
-        rk = tl.arange(0, RP)
-        if FAST:
-            hp = _tanh_f16x2(base_c + low)
-            hm = _tanh_f16x2(base_c - low)
-        else:  # the interpreter has no inline assembly
-            hp = _activate((base_c + low).to(tl.float32), 1, False).to(tl.float16)
-            hm = _activate((base_c - low).to(tl.float32), 1, False).to(tl.float16)
-        b2 = tl.load(bb2_ptr + n * stride_bb2_n + hid.to(tl.int64)[:, None] * stride_bb2_h + rk[None, :],
-                     mask=hid_ok[:, None] & (rk < R)[None, :], other=0.0)  # (HC, RP), shared by the pair
-        b2 = _pad16(b2, RP).to(tl.float16)
-        return (tl.dot(hp, w2_c, acc=z0), tl.dot(hp, b2, acc=zb0), tl.dot(hm, w2_c, acc=z1),
-                tl.dot(hm, b2, acc=zb1))
-
-    @triton.jit
-    def _twin_store(z, zb, n, b2, rows, row_ok, outs, out_ok, ka, a2_ok, a2_ptr, bn2_ptr, out_ptr, O, stride_a2_n,
-                    stride_out_n, R: tl.constexpr, HAS_BN2: tl.constexpr):
-        """``y = z + zb A2_nᵀ + b2 (+ bn2_n)`` stored as member ``n``'s outputs."""
-        a2t = tl.load(a2_ptr + n * stride_a2_n + outs[None, :] * R + ka[:, None], mask=a2_ok, other=0.0)
-        y = tl.dot(zb, a2t, acc=z, input_precision="tf32") + b2[None, :]
-        if HAS_BN2:
-            y += tl.load(bn2_ptr + n * O + outs, mask=out_ok, other=0.0)[None, :]
-        tl.store(out_ptr + n * stride_out_n + rows[:, None] * O + outs[None, :], y, mask=row_ok[:, None] & out_ok[None, :])
-
-    @triton.jit
-    def _mlp_twin_kernel(
-        base_ptr, xb_ptr, a1_ptr, w2_ptr, b2_ptr, bb2_ptr, a2_ptr, bn2_ptr, out_ptr,
-        N, M, H, O, stride_xb_n, stride_xb_m, stride_a1_n, stride_a2_n, stride_bb2_n, stride_bb2_h, stride_out_n,
-        R: tl.constexpr, RP: tl.constexpr, HAS_BN2: tl.constexpr, FAST: tl.constexpr, BM: tl.constexpr,
-        HC: tl.constexpr, NC: tl.constexpr, BO: tl.constexpr, EVEN_M: tl.constexpr, EVEN_H: tl.constexpr,
-        PER_SM: tl.constexpr, LOOKAHEAD: tl.constexpr,
-    ):
-        """``_mlp_resident_kernel`` for antithetic pairs without layer-1 bias noise: members ``2k`` and
-        ``2k + 1`` share ``x B1_k`` and carry ``±A1_k``, so one tensor-core product per chunk gives the
-        low-rank term ``L`` of both, ``pre± = base ± L`` (float16 adds), and the pair shares its ``B2_k``
-        loads. ``xb_ptr`` holds one ``x B1`` per pair; ``N`` counts members."""
-        row_tiles = tl.cdiv(M, BM)
-        t = tl.program_id(0) % row_tiles
-        j = tl.program_id(0) // row_tiles
-        P = tl.num_programs(0) // row_tiles
-        pairs = N // 2
-        lo = (j.to(tl.int64) * pairs // P).to(tl.int32)  # this program's pairs: [lo, hi)
-        hi = ((j + 1).to(tl.int64) * pairs // P).to(tl.int32)
-        rows = t * BM + tl.arange(0, BM)
-        rows64 = rows.to(tl.int64)
-        row_ok = (rows < M) | EVEN_M
-        outs, rk, k16 = tl.arange(0, BO), tl.arange(0, RP), tl.arange(0, 16)
-        out_ok = outs < O
-        b2 = tl.load(b2_ptr + outs, mask=out_ok, other=0.0)
-        ka = k16 // (16 // RP)
-        a2_ok = ((k16 % (16 // RP) == 0) & (ka < R))[:, None] & out_ok[None, :]
-        base0 = _resident_base(base_ptr, rows, row_ok, 0, H, HC, EVEN_H)
-        w20 = _resident_w2(w2_ptr, 0, H, HC, BO, EVEN_H)
-        if NC > 1:
-            base1 = _resident_base(base_ptr, rows, row_ok, HC, H, HC, EVEN_H)
-            w21 = _resident_w2(w2_ptr, HC, H, HC, BO, EVEN_H)
-        if NC > 2:
-            base2 = _resident_base(base_ptr, rows, row_ok, 2 * HC, H, HC, EVEN_H)
-            w22 = _resident_w2(w2_ptr, 2 * HC, H, HC, BO, EVEN_H)
-        if NC > 3:
-            base3 = _resident_base(base_ptr, rows, row_ok, 3 * HC, H, HC, EVEN_H)
-            w23 = _resident_w2(w2_ptr, 3 * HC, H, HC, BO, EVEN_H)
-        for k32 in range(lo, hi):
-            k = tl.cast(k32, tl.int64)
-            n = 2 * k  # the pair's + member; n + 1 is its - member
-            xb = tl.load(xb_ptr + k * stride_xb_n + rows64[:, None] * stride_xb_m + rk[None, :],
-                         mask=row_ok[:, None] & (rk < R)[None, :], other=0.0)  # (BM, RP)
-            xb = _pad16(xb, RP).to(tl.float16)
-            z0 = tl.zeros((BM, BO), dtype=tl.float32)
-            zb0 = tl.zeros((BM, 16), dtype=tl.float32)
-            z1 = tl.zeros((BM, BO), dtype=tl.float32)
-            zb1 = tl.zeros((BM, 16), dtype=tl.float32)
-            low0 = _twin_layer1(xb, n, 0, a1_ptr, H, stride_a1_n, R, RP, HC, EVEN_H)
-            if NC > 1 and LOOKAHEAD:
-                low1 = _twin_layer1(xb, n, HC, a1_ptr, H, stride_a1_n, R, RP, HC, EVEN_H)
-            z0, zb0, z1, zb1 = _twin_layer2(z0, zb0, z1, zb1, base0, low0, w20, n, 0, bb2_ptr, H, stride_bb2_n,
-                                            stride_bb2_h, R, RP, HC, EVEN_H, FAST)
-            if NC > 1 and not LOOKAHEAD:
-                low1 = _twin_layer1(xb, n, HC, a1_ptr, H, stride_a1_n, R, RP, HC, EVEN_H)
-            if NC > 2 and LOOKAHEAD:
-                low2 = _twin_layer1(xb, n, 2 * HC, a1_ptr, H, stride_a1_n, R, RP, HC, EVEN_H)
-            if NC > 1:
-                z0, zb0, z1, zb1 = _twin_layer2(z0, zb0, z1, zb1, base1, low1, w21, n, HC, bb2_ptr, H, stride_bb2_n,
-                                                stride_bb2_h, R, RP, HC, EVEN_H, FAST)
-            if NC > 2 and not LOOKAHEAD:
-                low2 = _twin_layer1(xb, n, 2 * HC, a1_ptr, H, stride_a1_n, R, RP, HC, EVEN_H)
-            if NC > 3:
-                low3 = _twin_layer1(xb, n, 3 * HC, a1_ptr, H, stride_a1_n, R, RP, HC, EVEN_H)
-            if NC > 2:
-                z0, zb0, z1, zb1 = _twin_layer2(z0, zb0, z1, zb1, base2, low2, w22, n, 2 * HC, bb2_ptr, H,
-                                                stride_bb2_n, stride_bb2_h, R, RP, HC, EVEN_H, FAST)
-            if NC > 3:
-                z0, zb0, z1, zb1 = _twin_layer2(z0, zb0, z1, zb1, base3, low3, w23, n, 3 * HC, bb2_ptr, H,
-                                                stride_bb2_n, stride_bb2_h, R, RP, HC, EVEN_H, FAST)
-            _twin_store(z0, zb0, n, b2, rows, row_ok, outs, out_ok, ka, a2_ok, a2_ptr, bn2_ptr, out_ptr, O,
-                        stride_a2_n, stride_out_n, R, HAS_BN2)
-            _twin_store(z1, zb1, n + 1, b2, rows, row_ok, outs, out_ok, ka, a2_ok, a2_ptr, bn2_ptr, out_ptr, O,
-                        stride_a2_n, stride_out_n, R, HAS_BN2)
-
-    _mlp_twin_even = triton.heuristics({
-        "EVEN_M": lambda a: a["M"] % a["BM"] == 0, "EVEN_H": lambda a: a["H"] % a["HC"] == 0,
-    })(_mlp_twin_kernel)
-
-    # the best four of a 16-config sweep (H200, run X): 0.200-0.202 ms for the whole MNIST-step call
-    # against 0.214 ms for one layer-1 product per member; at 232 registers nothing spills (two
-    # programs an SM), at 168 or 128 the spills cost about as much as the extra programs win
-    _mlp_twin_tuned = triton.autotune(
-        configs=[
-            triton.Config({"PER_SM": per_sm, "LOOKAHEAD": ahead}, num_warps=4, num_stages=stages, maxnreg=reg)
-            for per_sm, stages, reg, ahead in ((2, 3, 232, True), (2, 3, 232, False), (3, 2, 168, False),
-                                               (4, 3, 128, False))
-        ],
-        key=["N", "M", "H", "O", "R", "HAS_BN2"],
-    )(_mlp_twin_even)
-
-    _mlp_resident_even = triton.heuristics({
-        "EVEN_M": lambda a: a["M"] % a["BM"] == 0, "EVEN_H": lambda a: a["H"] % a["HC"] == 0,
-    })(_mlp_resident_kernel)
-
-    # programs per SM, register cap, pipeline stages: the best three of a 40-config sweep on the MNIST
-    # step's shapes (H200, run U in benchmarks/RESULTS.md). Two or three stages load the next member's
-    # factors during this one's math; 168 registers hold the resident rows (64 registers) and W2ᵀ
-    # with three programs per SM; the lookahead overlaps one chunk's tensor-core product with the
-    # previous chunk's tanh (0.233 against 0.237-0.251 ms without)
-    _mlp_resident_tuned = triton.autotune(
-        configs=[
-            triton.Config({"PER_SM": per_sm, "LOOKAHEAD": True}, num_warps=4, num_stages=stages, maxnreg=168)
-            for per_sm, stages in ((3, 3), (3, 2), (6, 2))
-        ],
-        key=["N", "M", "H", "O", "R", "HAS_BN1", "HAS_BN2"],
-    )(_mlp_resident_even)
-
-
     def _fit_chunks(configs, named_args, **kwargs):
         """Hidden chunks no wider than the layer (and at least 16, ``tl.dot``'s smallest K); duplicates dropped."""
         cap = _pow2(named_args["H"])
@@ -593,47 +279,6 @@ def _project(x, B, shared):
     return torch.bmm(x, B)
 
 
-_RESIDENT_BM = 64  # one warpgroup's tensor-core tile height
-
-
-def _resident_fits(M, H, O, R, activation, tf32, has_bn1) -> bool:
-    """The register-resident kernel's case: tanh under TF32 (its float16 path), ``H <= 256`` (four chunks
-    of at most 64 hidden units in registers), ``O <= 32``, the rank (plus a bias-noise column) ``<= 16``,
-    and at least one full tile of rows."""
-    return activation == "tanh" and tf32 and H <= 256 and O <= 32 and R + has_bn1 <= 16 and M >= _RESIDENT_BM
-
-
-def _launch_resident(base, xb, A1, bn1, W2, b2, B2, A2, bn2, out, config=None, pair=1, twin=False):
-    N, H, R = A1.shape
-    M, O = base.shape[0], W2.shape[0]
-    BO = _pow2(O)
-    HC = _pow2(triton.cdiv(H, 4))
-    w2t = F.pad(W2.t(), (0, BO - O)).to(torch.float16).contiguous()  # (H, BO)
-    row_tiles = triton.cdiv(M, _RESIDENT_BM)
-    sms = torch.cuda.get_device_properties(base.device).multi_processor_count if base.is_cuda else 2
-
-    def grid(meta):
-        units = N // 2 if twin else N  # pairs or members
-        return (row_tiles * max(1, min(units, sms * meta["PER_SM"] // row_tiles)),)
-
-    interpreted = _interpreted()
-    fixed = dict(PER_SM=2, LOOKAHEAD=True, num_warps=4) if interpreted else (config or {})
-    if twin:  # antithetic pairs, no layer-1 bias noise: one layer-1 product per pair
-        (_mlp_twin_even if fixed else _mlp_twin_tuned)[grid](
-            base, xb, A1, w2t, b2, B2, A2, bn2 if bn2 is not None else A2, out,
-            N, M, H, O, xb.stride(0), xb.stride(1), A1.stride(0), A2.stride(0), B2.stride(0), B2.stride(1),
-            out.stride(0), R=R, RP=_pow2(R, 1), HAS_BN2=bn2 is not None, FAST=not interpreted, BM=_RESIDENT_BM,
-            HC=HC, NC=triton.cdiv(H, HC), BO=BO, **fixed)
-        return out
-    (_mlp_resident_even if fixed else _mlp_resident_tuned)[grid](
-        base, xb, A1, bn1 if bn1 is not None else A1, w2t, b2, B2, A2, bn2 if bn2 is not None else A2, out,
-        N, M, H, O, xb.stride(0), xb.stride(1), A1.stride(0), A2.stride(0), B2.stride(0), B2.stride(1),
-        out.stride(0), R=R, RP=_pow2(R + (bn1 is not None), 1), HAS_BN1=bn1 is not None,
-        HAS_BN2=bn2 is not None, FAST=not interpreted, BM=_RESIDENT_BM, HC=HC, NC=triton.cdiv(H, HC), BO=BO,
-        PAIR=pair, **fixed)
-    return out
-
-
 def _fused(x, layer1, layer2, activation, shared, bias_noise, config=None, h16=True, resident=None, twin=None):
     W1, b1, A1, B1 = layer1
     W2, b2, A2, B2 = layer2
@@ -651,16 +296,17 @@ def _fused(x, layer1, layer2, activation, shared, bias_noise, config=None, h16=T
     flags = dict(ACT=_ACT_CODE[activation], HAS_BN1=bn1 is not None, HAS_BN2=bn2 is not None,
                  PREC="tf32" if tf32 else "ieee", BR=BR)
     if resident is None:
-        resident = shared and _resident_fits(M, H, O, R, activation, tf32, bn1 is not None)
+        resident = shared and resident_fits(M, H, O, R, activation, tf32, bn1 is not None)
     if resident:  # base rows and W2ᵀ stay in registers; members stream through
         from ...noise import antithetic_half  # here: noise imports this package
 
         paired, half = antithetic_half(B1)
         if paired and half is not None:  # one x B1 per antithetic pair: half the GEMM
             xb = (x @ half.view(half.shape[0], -1)).view(M, N // 2, R).transpose(0, 1)
-            twin = bn1 is None and antithetic_half(A1)[0] and twin is not False  # ±A1: one product per pair
-            return _launch_resident(base, xb, A1, bn1, W2, b2, B2, A2, bn2, out, config, pair=2, twin=twin)
-        return _launch_resident(base, _project(x, B1, True), A1, bn1, W2, b2, B2, A2, bn2, out, config)
+            # ±A1 and a paired B2 too: one layer-1 product per pair, one B2 load per pair
+            twin = bn1 is None and antithetic_half(A1)[0] and antithetic_half(B2)[0] and twin is not False
+            return launch_resident(base, xb, A1, bn1, W2, b2, B2, A2, bn2, out, config, pair=2, twin=twin)
+        return launch_resident(base, _project(x, B1, True), A1, bn1, W2, b2, B2, A2, bn2, out, config)
     xb = _project(x, B1, shared)  # (N, M, R) view
     strides = (xb.stride(0), xb.stride(1), A1.stride(0), A2.stride(0), B2.stride(0), B2.stride(1), out.stride(0))
 

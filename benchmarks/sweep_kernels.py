@@ -30,7 +30,9 @@ def bench(fn):
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def sweep_mlp():
+def mnist_inputs(antithetic: bool):
+    """The MNIST step's shapes under TF32: ``x (256, 784)``, 784-256-10, N=4096, rank 4; factors drawn per
+    member, or (``antithetic``) as ``noise.antithetic_pairs`` returns them. Also bias noise ``(N, H), (N, O)``."""
     torch.backends.cuda.matmul.allow_tf32 = True
     g = torch.Generator(device="cuda").manual_seed(0)
     N, M, D, H, O, R = 4096, 256, 784, 256, 10, 4
@@ -38,9 +40,19 @@ def sweep_mlp():
     def rnd(*shape, s=1.0):
         return torch.randn(*shape, device="cuda", generator=g) * s
 
-    x = rnd(M, D)
-    l1 = (rnd(H, D, s=0.03), rnd(H), rnd(N, H, R, s=0.01), rnd(N, D, R))
-    l2 = (rnd(O, H, s=0.06), rnd(O), rnd(N, O, R, s=0.01), rnd(N, H, R))
+    def factors(m, n):
+        if antithetic:
+            return antithetic_pairs(rnd(N // 2, m, R), rnd(N // 2, n, R), 0.05, R)
+        return rnd(N, m, R, s=0.01), rnd(N, n, R)
+
+    x = torch.rand(M, D, device="cuda", generator=g)
+    l1 = (rnd(H, D, s=0.03), rnd(H), *factors(H, D))
+    l2 = (rnd(O, H, s=0.06), rnd(O), *factors(O, H))
+    return x, l1, l2, (rnd(N, H, s=0.01), rnd(N, O, s=0.01))
+
+
+def sweep_mlp():
+    x, l1, l2, _ = mnist_inputs(antithetic=False)
     ref = _fused(x, l1, l2, "tanh", True, (None, None), config=dict(BM=32, MEMBERS=8, num_warps=4, HC=32), h16=False,
                  resident=False)
     results = []
@@ -66,17 +78,7 @@ def sweep_mlp():
 
 
 def sweep_resident():
-    torch.backends.cuda.matmul.allow_tf32 = True
-    g = torch.Generator(device="cuda").manual_seed(0)
-    N, M, D, H, O, R = 4096, 256, 784, 256, 10, 4
-
-    def rnd(*shape, s=1.0):
-        return torch.randn(*shape, device="cuda", generator=g) * s
-
-    x = torch.rand(M, D, device="cuda", generator=g)
-    l1 = (rnd(H, D, s=0.03), rnd(H), *antithetic_pairs(rnd(N // 2, H, R), rnd(N // 2, D, R), 0.05, R))
-    l2 = (rnd(O, H, s=0.06), rnd(O), *antithetic_pairs(rnd(N // 2, O, R), rnd(N // 2, H, R), 0.05, R))
-    noise = (rnd(N, H, s=0.01), rnd(N, O, s=0.01))
+    x, l1, l2, noise = mnist_inputs(antithetic=True)
     print(f"resident: the streaming kernel, autotuned: "
           f"{bench(lambda: _fused(x, l1, l2, 'tanh', True, (None, None), resident=False)):.4f} ms", flush=True)
     for bias in ((None, None), noise):

@@ -16,7 +16,13 @@ import math
 
 import torch
 
-from .kernels.fast.pairs import layout_kernels_available, pair_rows, signed_pairs
+from .kernels.fast.pairs import (
+    antithetic_half,
+    layout_kernels_available,
+    mark_pairs,
+    pair_rows,
+    signed_pairs,
+)
 
 __all__ = [
     "DEFAULT_BLOCK_PAIRS",
@@ -89,7 +95,7 @@ def antithetic_pairs(
         A_scaled = signed_pairs(A, scale)
     else:
         A_scaled = torch.stack((A, -A), dim=1).flatten(0, 1).mul_(scale)
-    return _mark(A_scaled, None), _pair_rows(B)
+    return mark_pairs(A_scaled, None), _pair_rows(B)
 
 
 def antithetic(
@@ -98,47 +104,7 @@ def antithetic(
     """``antithetic_pairs`` plus ``A_signed (2P, m, r)`` = ``s_i * A`` (the seed API returns it):
     ``(A_scaled, A_signed, B)``."""
     A_signed = torch.stack((A, -A), dim=1).flatten(0, 1)  # (2P, m, r)
-    return _mark(A_signed * (sigma / math.sqrt(rank)), None), A_signed, _pair_rows(B)
-
-
-def _mark(t: torch.Tensor, half: torch.Tensor | None) -> torch.Tensor:
-    """Note on ``t`` (a fresh antithetic ``A_scaled`` or ``B``) that its members come in pairs, with what
-    ``antithetic_half`` checks before trusting it: ``t``'s version counter and data pointer, and whether
-    it was made while a CUDA graph was being captured."""
-    try:
-        t._eggroll_pairs = (t._version, t.data_ptr(), _capturing(t), half)
-    except RuntimeError:  # inference-mode tensors keep no version counter: no note, the generic paths
-        pass
-    return t
-
-
-def _capturing(t: torch.Tensor) -> bool:
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
-
-
-def antithetic_half(t: torch.Tensor) -> tuple[bool, torch.Tensor | None]:
-    """``(paired, half)`` for a tensor made by ``antithetic_pairs``/``antithetic`` and not changed since:
-    ``paired`` when members ``2k`` and ``2k + 1`` are a pair (``A_scaled``: rows negated; ``B``: rows
-    equal); for such a ``B`` on CUDA, ``half`` is its ``(n, P, r)`` copy with one row per pair, so ``x B``
-    and the gradient read half the bytes. ``(False, None)`` for anything else.
-
-    "Not changed" is what torch can see: an in-place op (the version counter) or a new storage (the data
-    pointer). Writes that bypass both (through ``.data``, or a DLPack/NumPy alias) are not seen: do not
-    edit the factors that way, or ``clone()`` them first (a copy carries no note). While a CUDA graph is
-    being captured, only factors made inside that capture count: the graph then redraws them, and their
-    per-pair copy, at every replay, whereas factors captured as inputs may be refilled between replays."""
-    note = getattr(t, "_eggroll_pairs", None)
-    if note is None:
-        return False, None
-    version, ptr, captured, half = note
-    try:
-        if t._version != version or t.data_ptr() != ptr:
-            return False, None
-    except RuntimeError:
-        return False, None
-    if _capturing(t) and not captured:
-        return False, None
-    return True, half
+    return mark_pairs(A_signed * (sigma / math.sqrt(rank)), None), A_signed, _pair_rows(B)
 
 
 def _pair_rows(B: torch.Tensor) -> torch.Tensor:
@@ -150,10 +116,10 @@ def _pair_rows(B: torch.Tensor) -> torch.Tensor:
     P, n, r = B.shape
     if layout_kernels_available(B):
         B_pop, half = pair_rows(B, half=True)
-        return _mark(B_pop.view(n, 2 * P, r).permute(1, 0, 2), half)
+        return mark_pairs(B_pop.view(n, 2 * P, r).permute(1, 0, 2), half)
     B_pop = B.new_empty(n, P, 2, r)
     B_pop.copy_(B.permute(1, 0, 2).unsqueeze(2).expand(n, P, 2, r))
-    return _mark(B_pop.view(n, 2 * P, r).permute(1, 0, 2), None)
+    return mark_pairs(B_pop.view(n, 2 * P, r).permute(1, 0, 2), None)
 
 
 def keyed_pair_normals(

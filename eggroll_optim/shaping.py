@@ -9,7 +9,9 @@ from typing import Callable
 
 import torch
 
-__all__ = ["SHAPINGS", "centered_rank", "check_fitness", "identity", "resolve_shaping", "validate_fitness", "zscore"]
+from .kernels.fast.zscore import fused_zscore, fused_zscore_available
+
+__all__ = ["SHAPINGS", "apply_nan_policy", "centered_rank", "check_fitness", "identity", "resolve_shaping", "validate_fitness", "zscore"]
 
 Shaping = Callable[[torch.Tensor], torch.Tensor]
 NAN_POLICIES = ("raise", "worst", "skip")
@@ -22,8 +24,6 @@ def zscore(fitness: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     1-D float32 CUDA fitness (up to 2^22 members) takes one Triton launch (``kernels.fast.zscore``: the
     same formula summed in another order, NaN everywhere for a NaN/inf member as here) instead of a
     dozen small kernels."""
-    from .kernels.fast.zscore import fused_zscore, fused_zscore_available  # here: kernels import shaping's users
-
     if fused_zscore_available(fitness):
         return fused_zscore(fitness, eps)
     centered = fitness - fitness.mean()
@@ -87,6 +87,12 @@ def check_fitness(
     so the step's update is exactly zero and the weights stay as they were.
     """
     validate_fitness(fitness, population_size, device, nan_policy)
+    return apply_nan_policy(fitness, nan_policy)
+
+
+def apply_nan_policy(fitness: torch.Tensor, nan_policy: str) -> torch.Tensor:
+    """``check_fitness``'s treatment of NaN/inf, for a fitness that ``validate_fitness`` accepted."""
+    population_size = fitness.shape[0]
     if nan_policy == "skip":
         return torch.where(torch.isfinite(fitness).all(), fitness, torch.zeros_like(fitness))
     bad = ~torch.isfinite(fitness)

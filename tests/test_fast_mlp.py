@@ -124,7 +124,8 @@ def _resident_errors(device, seed):
             x = rnd(M, D)
             l1 = (rnd(H, D, k=0.3), rnd(H), *antithetic_pairs(rnd(P, H, R), rnd(P, D, R), 0.3, R))
             l2 = (rnd(O, H, k=0.3), rnd(O), *antithetic_pairs(rnd(P, O, R), rnd(P, H, R), 0.3, R))
-            assert antithetic_half(l1[3])[1] is not None
+            # what the twin kernel needs: B1's per-pair copy, ±A1, a paired B2 (and no layer-1 bias noise)
+            assert antithetic_half(l1[3])[1] is not None and antithetic_half(l1[2])[0] and antithetic_half(l2[3])[0]
             errors.append(_relative_error(x, l1, l2, "tanh", True))
             # two float16 paths (each within TF32 accuracy of float64) agree to that accuracy
             close = lambda a, b: ((a - b).norm() / b.norm()).item() < 5e-3  # noqa: E731

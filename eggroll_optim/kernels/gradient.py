@@ -5,7 +5,12 @@ import math
 
 import torch
 
-from .fast.pairs import layout_kernels_available, pair_scaled_transpose, scaled_transpose
+from .fast.pairs import (
+    antithetic_half,
+    layout_kernels_available,
+    pair_scaled_transpose,
+    scaled_transpose,
+)
 
 __all__ = ["accumulation_dtype", "es_gradient", "lowrank_gradient_sum", "fullrank_gradient_sum"]
 
@@ -24,8 +29,6 @@ def lowrank_gradient_sum(fitness: torch.Tensor, A_scaled: torch.Tensor, B: torch
     ``Σ_k (f_2k - f_2k+1) A_scaled_2k B_kᵀ``, half the GEMM's depth and bytes (the same sum, rounded
     differently).
     """
-    from ..noise import antithetic_half  # here: noise imports kernels.fast, which imports this package's siblings
-
     acc = accumulation_dtype(A_scaled.dtype)
     N, m, r = A_scaled.shape
     if fitness.shape == (N,) and layout_kernels_available(A_scaled, fitness):  # one Triton pass: f·A transposed

@@ -20,6 +20,7 @@ from ._triton import interpreted as _interpreted
 from ._triton import pow2 as _pow2
 from ._triton import tanh_f16x2 as _tanh_f16x2
 from ._triton import tl, triton
+from .pairs import antithetic_half
 from .resident import launch_resident, resident_fits
 
 __all__ = [
@@ -271,11 +272,13 @@ def _cpu_shared(x: torch.Tensor, shared: bool) -> bool:
     return shared and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.shape[-2] > 0
 
 
-def _project(x, B, shared):
-    """``x_i B_i`` as an ``(N, M, R)`` view: one GEMM for a shared input, a bmm otherwise."""
+def _project(x, B, shared, half=None):
+    """``x_i B_i`` as an ``(N, M, R)`` view: one GEMM for a shared input, a bmm otherwise. ``half``: ``B``'s
+    one-row-per-pair copy ``(D, N/2, R)`` (``noise.antithetic_half``), giving one ``x B`` per pair."""
     N, D, R = B.shape
     if shared:
-        return (x @ B.permute(1, 0, 2).reshape(D, N * R)).view(x.shape[0], N, R).transpose(0, 1)
+        mat = B.permute(1, 0, 2).reshape(D, N * R) if half is None else half.view(D, -1)
+        return (x @ mat).view(x.shape[0], -1, R).transpose(0, 1)
     return torch.bmm(x, B)
 
 
@@ -290,23 +293,20 @@ def _fused(x, layer1, layer2, activation, shared, bias_noise, config=None, h16=T
     A1, A2 = A1.contiguous(), A2.contiguous()
     B2 = B2 if B2.stride(2) == 1 else B2.contiguous()  # any member / hidden strides (antithetic's layout)
     out = torch.empty(N, M, O, device=x.device, dtype=x.dtype)
-    BH, BR = _pow2(H), _pow2(R)
     tf32 = torch.backends.cuda.matmul.allow_tf32  # as torch's own matmuls
-    interpreted = _interpreted()
-    flags = dict(ACT=_ACT_CODE[activation], HAS_BN1=bn1 is not None, HAS_BN2=bn2 is not None,
-                 PREC="tf32" if tf32 else "ieee", BR=BR)
     if resident is None:
         resident = shared and resident_fits(M, H, O, R, activation, tf32, bn1 is not None)
     if resident:  # base rows and W2ᵀ stay in registers; members stream through
-        from ...noise import antithetic_half  # here: noise imports this package
-
         paired, half = antithetic_half(B1)
-        if paired and half is not None:  # one x B1 per antithetic pair: half the GEMM
-            xb = (x @ half.view(half.shape[0], -1)).view(M, N // 2, R).transpose(0, 1)
-            # ±A1 and a paired B2 too: one layer-1 product per pair, one B2 load per pair
-            twin = bn1 is None and antithetic_half(A1)[0] and antithetic_half(B2)[0] and twin is not False
-            return launch_resident(base, xb, A1, bn1, W2, b2, B2, A2, bn2, out, config, pair=2, twin=twin)
-        return launch_resident(base, _project(x, B1, True), A1, bn1, W2, b2, B2, A2, bn2, out, config)
+        half = half if paired else None  # one x B1 per antithetic pair: half the GEMM
+        # ±A1 and a paired B2 too: one layer-1 product per pair, one B2 load per pair
+        twin = (half is not None and bn1 is None and antithetic_half(A1)[0] and antithetic_half(B2)[0]
+                and twin is not False)
+        return launch_resident(base, _project(x, B1, True, half), A1, bn1, W2, b2, B2, A2, bn2, out, config, twin)
+    BH, BR = _pow2(H), _pow2(R)
+    interpreted = _interpreted()
+    flags = dict(ACT=_ACT_CODE[activation], HAS_BN1=bn1 is not None, HAS_BN2=bn2 is not None,
+                 PREC="tf32" if tf32 else "ieee", BR=BR)
     xb = _project(x, B1, shared)  # (N, M, R) view
     strides = (xb.stride(0), xb.stride(1), A1.stride(0), A2.stride(0), B2.stride(0), B2.stride(1), out.stride(0))
 

@@ -4,8 +4,9 @@
 member walks its ``B`` rows in a fixed order (deterministic), so the ``(N, B, C)`` log-probabilities
 of the plain-torch path are never written. Up to 64 classes, each thread owns whole rows and loops
 over the classes (the strided loads hit L1; every reduction stays in registers): 21 µs against
-72 µs for a row-tile kernel on the MNIST step's 4096 x 256 x 10 logits (H200; floor 10.5 µs). An out-of-range label gives that member NaN (which the
-fitness check then reports) instead of a silently wrong value.
+72 µs for a row-tile kernel on the MNIST step's 4096 x 256 x 10 logits (H200; floor 10.5 µs). An
+out-of-range label gives that member NaN (which the fitness check then reports) instead of a
+silently wrong value.
 """
 from __future__ import annotations
 

@@ -8,9 +8,10 @@
          layer-1 product per antithetic pair), with it one per member; programs per SM, register cap,
          stages, lookahead
   parts  the GEMMs around the MLP kernel: x W1ᵀ + b1, and x B1 (a copy of B1, then cuBLAS)
-  rows   the counter-noise rows kernel (``kernels.fast.rows``) alone on the microbenchmark's shapes:
-         x (1024, 8192) bf16, rank 1; next to ``x @ W.T`` and ``addmm`` for scale
-Timer: ``triton.testing.do_bench`` (L2 flushed, median). The autotune lists in the kernels come from here.
+  rows   the counter-noise rows kernels (``kernels.fast.rows``) alone on the microbenchmark's shapes:
+         x (1024, 8192) bf16, rank 1; next to ``x @ W.T`` and ``addmm`` for scale; two launches (projection
+         in parts, then the output blocks) or one, warps of each
+Timer: ``triton.testing.do_bench`` (L2 flushed, median); the rows kernels as CUDA-graph replays. The autotune lists in the kernels come from here.
 Usage: python benchmarks/sweep_kernels.py [rows] [parts] [mlp] [resident]
 """
 from __future__ import annotations
@@ -28,6 +29,17 @@ from eggroll_optim.kernels.fast.rows import launch_counter_rows, rows_lowrank_de
 
 def bench(fn):
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def bench_graph(fn):
+    """``bench`` of one CUDA-graph replay of ``fn``: for launches short enough that eager timing would
+    measure the host (a ~20 µs pair of Triton launches)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return bench(graph.replay)
 
 
 def mnist_inputs(antithetic: bool):
@@ -127,12 +139,15 @@ def sweep_rows():
           f" stored delta {bench(lambda: rows_lowrank_delta(x, A, B)):.4f} ms, stored delta in place "
           f"{bench(lambda: rows_lowrank_delta(x, A, B, out=C)):.4f} ms (accumulating below)", flush=True)
     results = []
-    for tile, w in itertools.product((1024, 2048, 4096), (4, 8)):
-        ms = bench(lambda: launch_counter_rows(x, None, out, 12345, 0.01, r, True, tile, w))
-        results.append((ms, tile, w))
-        print(f"rows tile {tile} warps {w}: {ms:.4f} ms", flush=True)
-    for ms, tile, w in sorted(results)[:3]:
-        print(f"rows best: {ms:.4f} ms tile {tile} warps {w}")
+    for split, parts, warps in itertools.chain(
+        itertools.product((True,), (1, 2, 4), ((4, 4), (2, 4), (2, 2), (1, 2), (8, 4))),
+        itertools.product((False,), (1,), ((4, 4), (8, 8))),
+    ):
+        ms = bench_graph(lambda: launch_counter_rows(x, None, out, 12345, 0.01, r, True, split, warps, parts))
+        results.append((ms, split, parts, warps))
+        print(f"rows split {split} parts {parts} warps {warps}: {ms:.4f} ms", flush=True)
+    for ms, split, parts, warps in sorted(results)[:3]:
+        print(f"rows best: {ms:.4f} ms split {split} parts {parts} warps {warps}")
 
 
 if __name__ == "__main__":

@@ -246,11 +246,30 @@ if triton is not None:
         _store_lane(out_ptr, row0, row1, bias_ptr, o0, J + 1, O, n_sin, s0, s1, cb0, cb1, R, HAS_BIAS, EVEN)
 
     @triton.jit
-    def _add_block(out_ptr, row0, row1, bias_ptr, seed, q0, o0, O, s0, s1,
-                   R: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUM: tl.constexpr, EVEN: tl.constexpr, FAST: tl.constexpr):
+    def _griddep(op: tl.constexpr):
+        """``griddepcontrol.wait`` / ``.launch_dependents`` (programmatic dependent launch, sm_90+)."""
+        tl.inline_asm_elementwise("griddepcontrol." + op + "; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
+    def _pair_s(s_ptr, p, n_parts, R: tl.constexpr):
+        """``s`` of pair ``p`` summed over its ``n_parts`` partial projections: ``(R,)`` twice."""
+        rr = tl.arange(0, R)
+        s0 = tl.zeros((R,), dtype=tl.float32)
+        s1 = tl.zeros((R,), dtype=tl.float32)
+        for g in range(n_parts):
+            s0 += tl.load(s_ptr + (p * n_parts + g) * 2 * R + rr, volatile=True)
+            s1 += tl.load(s_ptr + (p * n_parts + g) * 2 * R + R + rr, volatile=True)
+        return s0, s1
+
+    @triton.jit
+    def _add_block(out_ptr, row0, row1, bias_ptr, seed, q0, o0, O, s0, s1, s_ptr, p, n_parts,
+                   R: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUM: tl.constexpr, EVEN: tl.constexpr,
+                   LOAD_S: tl.constexpr, PDL: tl.constexpr, FAST: tl.constexpr):
         """``out[row0] += A_blk s0``, ``out[row1] += A_blk s1`` (+ bias) for the block of ``A`` whose
         first counter is ``q0``: lane ``j`` holds output rows ``o0 + j * 256 / R + i``. With ``ACCUM``,
-        the block's current values are all loaded before the draw."""
+        the block's current values are all loaded before the draw. ``LOAD_S``: ``s0, s1`` come from the
+        projection launch's partial sums, read last: with ``PDL`` this launch may start while that one
+        runs, and waits for it only here."""
         c00 = _lane_load(out_ptr + row0, o0, 0, O, R, False, EVEN, ACCUM)
         c10 = _lane_load(out_ptr + row1, o0, 0, O, R, False, EVEN, ACCUM)
         c01 = _lane_load(out_ptr + row0, o0, 1, O, R, False, EVEN, ACCUM)
@@ -268,6 +287,10 @@ if triton is not None:
         c07 = _lane_load(out_ptr + row0, o0, 7, O, R, False, EVEN, ACCUM)
         c17 = _lane_load(out_ptr + row1, o0, 7, O, R, False, EVEN, ACCUM)
         w0, w1, w2, w3 = _block_words(seed, q0, R)
+        if LOAD_S:
+            if PDL:
+                _griddep("wait")
+            s0, s1 = _pair_s(s_ptr, p, n_parts, R)
         _add_word(out_ptr, row0, row1, bias_ptr, o0, 0, O, w0, s0, s1, c00, c10, c01, c11, R, HAS_BIAS, EVEN, FAST)
         _add_word(out_ptr, row0, row1, bias_ptr, o0, 2, O, w1, s0, s1, c02, c12, c03, c13, R, HAS_BIAS, EVEN, FAST)
         _add_word(out_ptr, row0, row1, bias_ptr, o0, 4, O, w2, s0, s1, c04, c14, c05, c15, R, HAS_BIAS, EVEN, FAST)
@@ -277,23 +300,24 @@ if triton is not None:
     def _rows_counter_kernel(
         x_ptr, bias_ptr, out_ptr, s_ptr, seed, scale, D, O, stride_x, stride_out, pair_len, b_off, k_chunk, n_parts,
         R: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUM: tl.constexpr, PHASE: tl.constexpr, EVEN_K: tl.constexpr,
-        EVEN_O: tl.constexpr, FAST: tl.constexpr,
+        EVEN_O: tl.constexpr, PDL: tl.constexpr, FAST: tl.constexpr,
     ):
         """Antithetic pair ``p`` (members ``2p`` with +A_p, ``2p + 1`` with -A_p), in one of three modes:
         ``PHASE == 0``: one program per pair projects ``x`` on ``B_p``, then adds the term to every block
         of the output; ``PHASE == 1``: programs ``(p, g)`` project rows ``[g k_chunk, (g + 1) k_chunk)`` of
         ``x`` into the partial sums ``s (P, n_parts, 2, R)`` (scaled and signed); ``PHASE == 2``:
-        programs ``(p, block)`` add one output block, with ``s`` summed over its parts."""
+        programs ``(p, block)`` add one output block, with ``s`` summed over its parts. ``PDL``
+        (programmatic dependent launch): PHASE 1 lets PHASE 2 start at once, and PHASE 2 loads its block and
+        draws its noise before it waits for PHASE 1's partial sums."""
         p = tl.program_id(0).to(tl.int64)  # 64-bit offsets: N * D can pass 2^31
         base = p * pair_len // 8  # the pair's first counter (pair_len is whole blocks)
         rr = tl.arange(0, R)
         if PHASE == 2:
-            s0 = tl.zeros((R,), dtype=tl.float32)
-            s1 = tl.zeros((R,), dtype=tl.float32)
-            for g in range(n_parts):
-                s0 += tl.load(s_ptr + (p * n_parts + g) * 2 * R + rr)
-                s1 += tl.load(s_ptr + (p * n_parts + g) * 2 * R + R + rr)
+            s0 = tl.zeros((R,), dtype=tl.float32)  # loaded in _add_block
+            s1 = s0
         else:
+            if PHASE == 1 and PDL:
+                _griddep("launch_dependents")
             if R == 1:
                 part0 = tl.zeros((_LANE,), dtype=tl.float32)
             else:
@@ -316,11 +340,12 @@ if triton is not None:
         elif PHASE == 2:
             o0 = tl.program_id(1) * (_BLOCK // R)
             _add_block(out_ptr, 2 * p * stride_out, (2 * p + 1) * stride_out, bias_ptr, seed, base + o0 * R // 8,
-                       o0, O, s0, s1, R, HAS_BIAS, ACCUM, EVEN_O, FAST)
+                       o0, O, s0, s1, s_ptr, p, n_parts, R, HAS_BIAS, ACCUM, EVEN_O, True, PDL, FAST)
         else:
             for o0 in range(0, O, _BLOCK // R):
                 _add_block(out_ptr, 2 * p * stride_out, (2 * p + 1) * stride_out, bias_ptr, seed,
-                           base + o0 * R // 8, o0, O, s0, s1, R, HAS_BIAS, ACCUM, EVEN_O, FAST)
+                           base + o0 * R // 8, o0, O, s0, s1, s_ptr, p, n_parts, R, HAS_BIAS, ACCUM, EVEN_O, False,
+                           False, FAST)
 
     @triton.jit
     def _rows_stored_kernel(
@@ -468,8 +493,9 @@ class _CounterPlan:
         self.x, self.bias, self.P, self.O, self.rank = x, bias if bias is not None else x, N // 2, O, rank
         self.tail = (int(seed), scale, D, O, x.stride(0))
         self.shape = (pair_stride(O, D, rank), _pad_block(O * rank), self.k_chunk, self.parts)
+        self.pdl = _pdl_available(x.device)
         self.meta = dict(R=rank, HAS_BIAS=bias is not None, ACCUM=accumulate, EVEN_K=D % rows_per_block == 0,
-                         EVEN_O=O % rows_per_block == 0, FAST=not _interpreted())
+                         EVEN_O=O % rows_per_block == 0, PDL=self.pdl, FAST=not _interpreted())
 
     def project(self, num_warps=4) -> torch.Tensor:
         s = torch.empty(self.P, self.parts, 2, self.rank, device=self.x.device, dtype=torch.float32)
@@ -480,5 +506,19 @@ class _CounterPlan:
     def launch(self, out, s, phase, num_warps=4) -> None:
         grid = (self.P, triton.cdiv(self.O * self.rank, BLOCK) if phase == 2 else 1)
         shape = self.shape if phase == 2 else self.shape[:2] + (self.x.shape[1], 1)
+        launch = dict(launch_pdl=True) if self.pdl and phase == 2 else {}
         _rows_counter_kernel[grid](self.x, self.bias, out, s if s is not None else out, *self.tail, out.stride(0),
-                                   *shape, PHASE=phase, num_warps=num_warps, **self.meta)
+                                   *shape, PHASE=phase, num_warps=num_warps, **self.meta, **launch)
+
+
+_PDL: dict = {}
+
+
+def _pdl_available(device: torch.device) -> bool:
+    """Programmatic dependent launch: compiled kernels on sm_90 or newer (not the interpreter)."""
+    if _interpreted() or device.type != "cuda":
+        return False
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _PDL:
+        _PDL[key] = torch.cuda.get_device_capability(key)[0] >= 9
+    return _PDL[key]

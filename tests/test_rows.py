@@ -14,9 +14,13 @@ from eggroll_optim.kernels.fast.rows import (counter_normals, counter_pair_facto
                                              launch_counter_rows, pair_stride, perturbed_linear_counter,
                                              rows_lowrank_delta)
 
-# the last three: partial and whole blocks (2048 / rank rows) of the counter kernels
+# from (4, 2100, 2050, 1) on: partial and whole blocks (2048 / rank rows) of the counter kernels, at
+# every power-of-two rank, and (2, 1300, 129, 16): projections in chunks of two blocks
 CASES = [(6, 37, 19, 1), (4, 64, 40, 4), (8, 33, 70, 2), (2, 5, 3, 3), (10, 300, 129, 16), (4, 2100, 2050, 1),
-         (2, 700, 260, 8), (4, 4096, 2048, 1), (2, 1024, 512, 4)]
+         (2, 700, 260, 8), (4, 4096, 2048, 1), (2, 1024, 512, 4), (2, 1024, 1024, 2), (2, 512, 256, 8),
+         (2, 256, 128, 16), (2, 1300, 129, 16)]
+SEEDS = {3: -5, 7: 2**63 + 7}
+PINNED = [0.5711340308189392, 1.207757830619812, -0.08898027241230011, -0.5871822237968445]  # seed 0: 0, 1, 2, 256  # keys mod 2^64, both ways; the other cases use 2^40 + 977 i
 
 
 def dense_counter(x, W, b, seed, sigma, rank):
@@ -42,15 +46,19 @@ def check_all(device="cpu", dtype=torch.float32, tol=5e-6):
         x = torch.randn(N, D, generator=g).to(device, dtype)
         W = (torch.randn(O, D, generator=g) / math.sqrt(D)).to(device, dtype)
         b = torch.randn(O, generator=g).to(device, dtype) if i % 2 else None
-        seed = 2**40 + 977 * i
+        seed = SEEDS.get(i, 2**40 + 977 * i)
         ref = dense_counter(x, W, b, seed, 0.7, R)
         for accumulate in (False, True):
             err = rel(perturbed_linear_counter(x, W, b, seed, 0.7, R, accumulate=accumulate), ref)
             assert err < tol, ("counter", N, D, O, R, accumulate, err)
-        if fused_rows_available(x) and R & (R - 1) == 0 and R <= 16:  # the one-launch mode (one program per pair) of the same kernel
-            out = x @ W.T
+        if fused_rows_available(x) and R & (R - 1) == 0 and R <= 16:
+            out = x @ W.T  # the one-launch mode (a program per pair) of the same kernel
             launch_counter_rows(x, b, out, seed, 0.7 / math.sqrt(R), R, True, split=False)
             assert rel(out, ref) < tol, ("counter, one launch", N, D, O, R)
+            for parts in (1, 3, 100):  # projections in other chunks, the term written without accumulating
+                out = torch.full((N, O), float("nan"), device=device, dtype=dtype)
+                launch_counter_rows(x, b, out, seed, 0.7 / math.sqrt(R), R, False, parts=parts)
+                assert rel(out + x @ W.T, ref) < tol, ("counter, parts", parts, N, D, O, R)
         A = torch.randn(N, O, R, generator=g).to(device, dtype)
         B = torch.randn(N, D, R, generator=g).to(device, dtype)
         ref = torch.einsum("nr,nor->no", torch.einsum("nd,ndr->nr", x.double().cpu(), B.double().cpu()),
@@ -163,11 +171,62 @@ def test_philox_twin_matches_triton_in_interpreter():
     )
 
 
+def test_counter_normals_follow_their_definition():
+    """Values rebuilt from Philox words by the formula in ``rows``' docstring (lane-major blocks of
+    2048, 16-bit uniforms u = low half, v = high half, lane 2k = r cos t, 2k + 1 = r sin t), and a few
+    pinned values, so the stream cannot change unnoticed."""
+    from eggroll_optim.kernels.fast.rows import _philox4x32
+
+    seed = 2**40 + 3
+    for e in (0, 1, 255, 256, 257, 1000, 2047, 2048, 2048 * 5 + 1799):
+        block, t = divmod(e, 2048)
+        lane, counter = t // 256, 256 * block + t % 256
+        word = int(_philox4x32(torch.tensor([counter]), seed, 7)[lane // 2])
+        u, v = ((word & 0xFFFF) + 0.5) / 65536, ((word >> 16) + 0.5) / 65536
+        r, angle = math.sqrt(-2 * math.log(u)), 2 * math.pi * v - math.pi
+        want = r * (math.cos(angle) if lane % 2 == 0 else math.sin(angle))
+        assert abs(counter_normals(seed, e, 1).item() - want) < 1e-5, e
+    pinned = counter_normals(0, 0, 3).tolist() + counter_normals(0, 256, 1).tolist()
+    assert pinned == pytest.approx(PINNED, abs=1e-6), pinned
+
+
 @pytest.mark.cuda
 def test_rows_kernels_on_cuda():
     check_all("cuda", torch.float32, tol=1e-5)
     check_linear_rows_cuda()
     check_all("cuda", torch.bfloat16, tol=1.5e-2)
+
+
+@pytest.mark.cuda
+def test_counter_kernels_with_and_without_pdl_eager_and_graphed():
+    """The two-launch counter path (programmatic dependent launch on sm_90+) against PDL off, and
+    replayed from a CUDA graph (PDL edges captured), on the microbenchmark's shape at rank 1 and a
+    ragged one at rank 4: bit for bit the same output every way."""
+    from eggroll_optim.kernels.fast import rows
+
+    key = torch.cuda.current_device()
+    g = torch.Generator(device="cuda").manual_seed(3)
+    for N, D, O, R, dtype in ((256, 8192, 4096, 1, torch.bfloat16), (6, 700, 300, 4, torch.float32)):
+        x = torch.randn(N, D, device="cuda", generator=g).to(dtype)
+        W = (torch.randn(O, D, device="cuda", generator=g) / math.sqrt(D)).to(dtype)
+        outs = {}
+        try:
+            for pdl in (True, False):
+                rows._PDL[key] = pdl
+                outs[pdl] = perturbed_linear_counter(x, W, None, 77, 0.3, R)
+                static = torch.empty_like(outs[pdl])
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    static.copy_(perturbed_linear_counter(x, W, None, 77, 0.3, R))
+                for _ in range(3):
+                    static.zero_()
+                    graph.replay()
+                    torch.testing.assert_close(static, outs[pdl], rtol=0, atol=0)
+        finally:
+            rows._PDL.pop(key, None)
+        torch.testing.assert_close(outs[True], outs[False], rtol=0, atol=0)
+        ref = dense_counter(x.float()[:4], W.float(), None, 77, 0.3, R)  # the first two pairs, float64
+        assert rel(outs[True][:4].float(), ref) < (1.5e-2 if dtype == torch.bfloat16 else 1e-5)
 
 
 @pytest.mark.cuda

@@ -1,10 +1,10 @@
 """Perturbed linear with one input row per member (RL policies, the paper's microbenchmark).
 
-``y_i = x_i Wᵀ + b + s_i (x_i B_i) A_iᵀ``: cuBLAS computes ``x Wᵀ + b`` at inference speed, then a
-Triton kernel adds the low-rank term in place in one pass over ``x``, the factors and the output.
-
-The factors are either stored (``A_scaled``, ``B`` per member) or regenerated inside the kernel
-from a counter-based key ("counter noise", below): then no noise ever touches memory.
+``y_i = x_i Wᵀ + b + s_i (x_i B_i) A_iᵀ``: cuBLAS computes ``x Wᵀ + b`` at inference speed, then
+Triton adds the low-rank term in place: one pass over ``x``, the factors and the output for stored
+factors (``A_scaled``, ``B`` per member); for factors regenerated inside the kernels from a
+counter-based key ("counter noise", below), a projection launch over ``x`` and a launch that adds the
+term block by block, so no noise ever touches memory.
 
 Counter noise is a pure function of ``(seed, index)`` (SPEC §6). The stream is cut into blocks of
 2048 values drawn from 256 consecutive Philox-4x32-7 counters under the 64-bit key ``seed``: value
@@ -14,13 +14,15 @@ Box-Muller turns them into lanes ``2k`` (``r cos t``) and ``2k + 1`` (``r sin t`
 ``t = 2 pi v - pi``. Lane-major blocks give every lane a run of 256 consecutive values, so a kernel
 meets its rows with plain contiguous loads and stores; half-words and seven rounds (Philox-4x32-7
 passes BigCrush, Salmon et al. 2011) cost a third of the ten-round, one-normal-per-word draw, and the
-16-bit uniforms bound ``|z|`` by 4.85 (they cut the 5-sigma tails, 6e-7 of the mass).
+16-bit uniforms bound ``|z|`` by 4.8546 (the tails beyond, 1.2e-6 of a normal's mass, are cut).
 Pair ``p`` owns the stream slice ``[p * L, (p + 1) * L)`` with ``L = pad(out * r) + pad(in * r)``
 (``pad``: to whole blocks): ``A_p (out, r)`` first, then ``B_p (in, r)``, both row-major.
 ``counter_pair_factors`` is the plain-torch twin (any device); the kernels reproduce its Philox words
-exactly and its normals to ~1e-6 on CUDA, where Box-Muller uses the hardware approximations of
+exactly and its normals to a few 1e-5 on CUDA, where Box-Muller uses the hardware approximations of
 log2/sqrt/sin/cos (under the interpreter it uses the exact ones). Ranks that are not a power of two,
-or above 16, take the twin (draw, then the stored kernel).
+or above 16, take the twin (draw, then the stored kernel). A factor shorter than a block still costs
+the kernels a block's 256 counters (the twin draws only the ones it uses): the counter kernels are
+built for wide layers.
 """
 from __future__ import annotations
 
@@ -79,21 +81,47 @@ def _half_uniform(half: torch.Tensor) -> torch.Tensor:
     return (half.to(torch.float32) + 0.5) * 2.0**-16
 
 
-def counter_normals(seed: int, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Stream values ``[start, start + count)`` of the counter noise under ``seed``: float32 ``(count,)``."""
-    if count <= 0 or start < 0:
-        raise ValueError(f"counter_normals: needs start >= 0 and count > 0, got start={start}, count={count}")
-    first, last = start // BLOCK, (start + count - 1) // BLOCK
-    q = torch.arange(first * LANE, (last + 1) * LANE, dtype=torch.int64, device=device)
+def _lanes(q: torch.Tensor, seed: int) -> torch.Tensor:
+    """The eight normals of each int64 counter in ``q``: ``q.shape + (8,)``, float32 (lane ``2k``:
+    ``r cos t`` of word ``k``, lane ``2k + 1``: ``r sin t``)."""
     lanes = []
     for word in _philox4x32(q, int(seed) & ((1 << 64) - 1)):
         u, v = _half_uniform(word & 0xFFFF), _half_uniform(word >> 16)
         r = torch.sqrt(-2.0 * torch.log(u))
         t = v * torch.tensor(6.283185307179586, dtype=torch.float32) - torch.tensor(3.141592653589793)
         lanes += [r * torch.cos(t), r * torch.sin(t)]
-    flat = torch.stack(lanes).view(8, last - first + 1, LANE).transpose(0, 1).flatten()  # block, lane, counter
+    return torch.stack(lanes, dim=-1)
+
+
+def counter_normals(seed: int, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Stream values ``[start, start + count)`` of the counter noise under ``seed``: float32 ``(count,)``
+    (draws the whole blocks they fall in)."""
+    if count <= 0 or start < 0:
+        raise ValueError(f"counter_normals: needs start >= 0 and count > 0, got start={start}, count={count}")
+    first, last = start // BLOCK, (start + count - 1) // BLOCK
+    q = torch.arange(first * LANE, (last + 1) * LANE, dtype=torch.int64, device=device)
+    flat = _lanes(q, seed).view(last - first + 1, LANE, 8).transpose(1, 2).flatten()  # block, lane, counter
     offset = start - BLOCK * first
     return flat[offset: offset + count]
+
+
+def _segments(seed: int, first_counter: torch.Tensor, n: int) -> torch.Tensor:
+    """The first ``n`` values of the block-aligned segments starting at counters ``first_counter (P,)``:
+    ``(P, n)``. Draws only the counters those values use (a segment shorter than a block uses
+    ``min(n, 256)`` counters of its block), so small layers cost no more than their values."""
+    full, rem = divmod(n, BLOCK)
+    used = full * LANE + min(rem, LANE)
+    q = first_counter[:, None] + torch.arange(used, dtype=torch.int64, device=first_counter.device)
+    lanes = _lanes(q, seed)  # (P, used, 8)
+    P = lanes.shape[0]
+    parts = []
+    if full:
+        parts.append(lanes[:, : full * LANE].reshape(P, full, LANE, 8).transpose(2, 3).reshape(P, full * BLOCK))
+    if rem > LANE:
+        parts.append(lanes[:, full * LANE:].transpose(1, 2).reshape(P, BLOCK)[:, :rem])
+    elif rem:
+        parts.append(lanes[:, full * LANE:, 0])  # values 0 .. rem - 1 of the last block: lane 0
+    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
 
 def counter_pair_factors(
@@ -104,10 +132,9 @@ def counter_pair_factors(
     if not 0 <= pair_start < pair_stop:
         raise ValueError(f"Invalid pair range [{pair_start}, {pair_stop})")
     L, a_len = pair_stride(out_dim, in_dim, rank), _pad_block(out_dim * rank)
-    P = pair_stop - pair_start
-    stream = counter_normals(seed, pair_start * L, P * L, device).view(P, L)
-    A = stream[:, : out_dim * rank].reshape(P, out_dim, rank)
-    B = stream[:, a_len: a_len + in_dim * rank].reshape(P, in_dim, rank)
+    first = torch.arange(pair_start, pair_stop, dtype=torch.int64, device=device) * (L // 8)
+    A = _segments(seed, first, out_dim * rank).reshape(-1, out_dim, rank)
+    B = _segments(seed, first + a_len // 8, in_dim * rank).reshape(-1, in_dim, rank)
     return A, B
 
 
@@ -131,7 +158,7 @@ if triton is not None:
     @triton.jit
     def _box_muller(w, FAST: tl.constexpr):
         """Two normals from the word ``w``; ``FAST`` uses the MUFU approximations (lg2, sqrt, sin,
-        cos: ~1e-6 relative) instead of libdevice's exact routines, which would dominate the kernels."""
+        cos: within a few 1e-5) instead of libdevice's exact routines, which would dominate the kernels."""
         u, v = _half_uniforms(w)
         t = 6.283185307179586 * v - 3.141592653589793  # in [-pi, pi): where sin/cos.approx are accurate
         if FAST:
@@ -238,21 +265,14 @@ if triton is not None:
             tl.store(out_ptr + row1 + oo, d1.to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _add_word(out_ptr, row0, row1, bias_ptr, o0, J: tl.constexpr, O, w, s0, s1, ca0, ca1, cb0, cb1,
-                  R: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, FAST: tl.constexpr):
-        """Lanes ``J`` (cosine) and ``J + 1`` (sine) of an output block, from word ``w``."""
-        n_cos, n_sin = _box_muller(w, FAST)
-        _store_lane(out_ptr, row0, row1, bias_ptr, o0, J, O, n_cos, s0, s1, ca0, ca1, R, HAS_BIAS, EVEN)
-        _store_lane(out_ptr, row0, row1, bias_ptr, o0, J + 1, O, n_sin, s0, s1, cb0, cb1, R, HAS_BIAS, EVEN)
-
-    @triton.jit
     def _griddep(op: tl.constexpr):
-        """``griddepcontrol.wait`` / ``.launch_dependents`` (programmatic dependent launch, sm_90+)."""
+        """``griddepcontrol.<op>`` (programmatic dependent launch, sm_90+)."""
         tl.inline_asm_elementwise("griddepcontrol." + op + "; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
 
     @triton.jit
     def _pair_s(s_ptr, p, n_parts, R: tl.constexpr):
-        """``s`` of pair ``p`` summed over its ``n_parts`` partial projections: ``(R,)`` twice."""
+        """``s`` of pair ``p`` summed over its ``n_parts`` partial projections: ``(R,)`` twice. Volatile
+        loads: they must not be hoisted above the wait that precedes them."""
         rr = tl.arange(0, R)
         s0 = tl.zeros((R,), dtype=tl.float32)
         s1 = tl.zeros((R,), dtype=tl.float32)
@@ -262,6 +282,16 @@ if triton is not None:
         return s0, s1
 
     @triton.jit
+    def _wait_through(n0, n1, n2, n3, n4, n5, n6, n7):
+        """``griddepcontrol.wait`` with the block's eight lanes of normals passed through it: the draw
+        cannot sink below the wait (a plain wait let LLVM move the Philox rounds after it)."""
+        return tl.inline_asm_elementwise(
+            "mov.b32 $0, $8; mov.b32 $1, $9; mov.b32 $2, $10; mov.b32 $3, $11; mov.b32 $4, $12; "
+            "mov.b32 $5, $13; mov.b32 $6, $14; mov.b32 $7, $15; griddepcontrol.wait;",
+            "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r", [n0, n1, n2, n3, n4, n5, n6, n7],
+            dtype=(tl.float32,) * 8, is_pure=False, pack=1)
+
+    @triton.jit
     def _add_block(out_ptr, row0, row1, bias_ptr, seed, q0, o0, O, s0, s1, s_ptr, p, n_parts,
                    R: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUM: tl.constexpr, EVEN: tl.constexpr,
                    LOAD_S: tl.constexpr, PDL: tl.constexpr, FAST: tl.constexpr):
@@ -269,7 +299,8 @@ if triton is not None:
         first counter is ``q0``: lane ``j`` holds output rows ``o0 + j * 256 / R + i``. With ``ACCUM``,
         the block's current values are all loaded before the draw. ``LOAD_S``: ``s0, s1`` come from the
         projection launch's partial sums, read last: with ``PDL`` this launch may start while that one
-        runs, and waits for it only here."""
+        runs (never while the GEMM that wrote ``out`` runs: the projection is launched without PDL),
+        loads its block and draws its noise, and waits only then."""
         c00 = _lane_load(out_ptr + row0, o0, 0, O, R, False, EVEN, ACCUM)
         c10 = _lane_load(out_ptr + row1, o0, 0, O, R, False, EVEN, ACCUM)
         c01 = _lane_load(out_ptr + row0, o0, 1, O, R, False, EVEN, ACCUM)
@@ -287,14 +318,22 @@ if triton is not None:
         c07 = _lane_load(out_ptr + row0, o0, 7, O, R, False, EVEN, ACCUM)
         c17 = _lane_load(out_ptr + row1, o0, 7, O, R, False, EVEN, ACCUM)
         w0, w1, w2, w3 = _block_words(seed, q0, R)
+        n0, n1 = _box_muller(w0, FAST)
+        n2, n3 = _box_muller(w1, FAST)
+        n4, n5 = _box_muller(w2, FAST)
+        n6, n7 = _box_muller(w3, FAST)
         if LOAD_S:
             if PDL:
-                _griddep("wait")
+                n0, n1, n2, n3, n4, n5, n6, n7 = _wait_through(n0, n1, n2, n3, n4, n5, n6, n7)
             s0, s1 = _pair_s(s_ptr, p, n_parts, R)
-        _add_word(out_ptr, row0, row1, bias_ptr, o0, 0, O, w0, s0, s1, c00, c10, c01, c11, R, HAS_BIAS, EVEN, FAST)
-        _add_word(out_ptr, row0, row1, bias_ptr, o0, 2, O, w1, s0, s1, c02, c12, c03, c13, R, HAS_BIAS, EVEN, FAST)
-        _add_word(out_ptr, row0, row1, bias_ptr, o0, 4, O, w2, s0, s1, c04, c14, c05, c15, R, HAS_BIAS, EVEN, FAST)
-        _add_word(out_ptr, row0, row1, bias_ptr, o0, 6, O, w3, s0, s1, c06, c16, c07, c17, R, HAS_BIAS, EVEN, FAST)
+        _store_lane(out_ptr, row0, row1, bias_ptr, o0, 0, O, n0, s0, s1, c00, c10, R, HAS_BIAS, EVEN)
+        _store_lane(out_ptr, row0, row1, bias_ptr, o0, 1, O, n1, s0, s1, c01, c11, R, HAS_BIAS, EVEN)
+        _store_lane(out_ptr, row0, row1, bias_ptr, o0, 2, O, n2, s0, s1, c02, c12, R, HAS_BIAS, EVEN)
+        _store_lane(out_ptr, row0, row1, bias_ptr, o0, 3, O, n3, s0, s1, c03, c13, R, HAS_BIAS, EVEN)
+        _store_lane(out_ptr, row0, row1, bias_ptr, o0, 4, O, n4, s0, s1, c04, c14, R, HAS_BIAS, EVEN)
+        _store_lane(out_ptr, row0, row1, bias_ptr, o0, 5, O, n5, s0, s1, c05, c15, R, HAS_BIAS, EVEN)
+        _store_lane(out_ptr, row0, row1, bias_ptr, o0, 6, O, n6, s0, s1, c06, c16, R, HAS_BIAS, EVEN)
+        _store_lane(out_ptr, row0, row1, bias_ptr, o0, 7, O, n7, s0, s1, c07, c17, R, HAS_BIAS, EVEN)
 
     @triton.jit
     def _rows_counter_kernel(
@@ -304,10 +343,10 @@ if triton is not None:
     ):
         """Antithetic pair ``p`` (members ``2p`` with +A_p, ``2p + 1`` with -A_p), in one of three modes:
         ``PHASE == 0``: one program per pair projects ``x`` on ``B_p``, then adds the term to every block
-        of the output; ``PHASE == 1``: programs ``(p, g)`` project rows ``[g k_chunk, (g + 1) k_chunk)`` of
+        of the output; ``PHASE == 1``: programs ``(p, g)`` project features ``[g k_chunk, (g + 1) k_chunk)`` of
         ``x`` into the partial sums ``s (P, n_parts, 2, R)`` (scaled and signed); ``PHASE == 2``:
         programs ``(p, block)`` add one output block, with ``s`` summed over its parts. ``PDL``
-        (programmatic dependent launch): PHASE 1 lets PHASE 2 start at once, and PHASE 2 loads its block and
+        (programmatic dependent launch): PHASE 2 may start once every PHASE 1 program has, loads its block and
         draws its noise before it waits for PHASE 1's partial sums."""
         p = tl.program_id(0).to(tl.int64)  # 64-bit offsets: N * D can pass 2^31
         base = p * pair_len // 8  # the pair's first counter (pair_len is whole blocks)
@@ -466,11 +505,19 @@ def perturbed_linear_counter(
 
 
 def launch_counter_rows(x, bias, out, seed, scale, rank, accumulate, split=True, num_warps=(4, 4), parts=None):
-    """Launch the counter kernel on ``x (N, in)`` into ``out (N, out)``. ``split`` (default): a first
-    launch projects each pair's rows of ``x`` on ``B_p`` in ``parts`` chunks of blocks (default: one
-    block each, up to 8 chunks) into partial sums, a second adds the term block by block, with a
-    program per (pair, block); otherwise one program per pair does both. ``num_warps`` of the two
-    launches; ``benchmarks/sweep_kernels.py rows`` varies them."""
+    """Launch the counter kernel on ``x (N, in)`` into ``out (N, out)`` (``+=`` with ``accumulate``).
+    ``split`` (default): a first launch projects each pair's features of ``x`` on ``B_p`` into partial
+    sums, one per chunk of ``B``'s blocks (``parts`` chunks asked, default ``min(blocks, 8)``; chunks are
+    whole blocks, so fewer may come out), a second adds the term block by block, with a program per
+    (pair, output block); otherwise one program per pair does both. ``num_warps`` of the two launches;
+    ``benchmarks/sweep_kernels.py rows`` varies them. ``N`` even, ``rank`` a power of two <= 16, rows
+    of ``x``, ``out`` and ``bias`` contiguous."""
+    N, D = x.shape
+    if N % 2 or rank < 1 or rank & (rank - 1) or rank > 16:
+        raise ValueError(f"launch_counter_rows: needs an even N and a power-of-two rank <= 16, got N={N}, rank={rank}")
+    if out.shape != (N, out.shape[1]) or any(t is not None and t.stride(-1) != 1 for t in (x, out, bias)):
+        raise ValueError(f"launch_counter_rows: out must be ({N}, out) and x, out, bias contiguous in their last "
+                         f"dimension, got out {tuple(out.shape)}")
     plan = _CounterPlan(x, bias, out.shape[1], seed, scale, rank, accumulate, parts)
     if not split:
         plan.launch(out, None, 0, num_warps[0])
@@ -491,7 +538,7 @@ class _CounterPlan:
         self.k_chunk = triton.cdiv(k_blocks, parts) * rows_per_block
         self.parts = triton.cdiv(D, self.k_chunk)
         self.x, self.bias, self.P, self.O, self.rank = x, bias if bias is not None else x, N // 2, O, rank
-        self.tail = (int(seed), scale, D, O, x.stride(0))
+        self.tail = (int(seed) & (2**64 - 1), scale, D, O, x.stride(0))  # the twin's key: seed mod 2^64
         self.shape = (pair_stride(O, D, rank), _pad_block(O * rank), self.k_chunk, self.parts)
         self.pdl = _pdl_available(x.device)
         self.meta = dict(R=rank, HAS_BIAS=bias is not None, ACCUM=accumulate, EVEN_K=D % rows_per_block == 0,
@@ -514,9 +561,18 @@ class _CounterPlan:
 _PDL: dict = {}
 
 
+def _triton_launches_pdl() -> bool:
+    """This Triton takes ``launch_pdl`` as a launch option (added in 2025; older ones reject it)."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:  # pragma: no cover - a Triton without the NVIDIA backend
+        return False
+    return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
+
+
 def _pdl_available(device: torch.device) -> bool:
-    """Programmatic dependent launch: compiled kernels on sm_90 or newer (not the interpreter)."""
-    if _interpreted() or device.type != "cuda":
+    """Programmatic dependent launch: compiled kernels on sm_90 or newer, with a Triton that launches it."""
+    if _interpreted() or device.type != "cuda" or not _triton_launches_pdl():
         return False
     key = device.index if device.index is not None else torch.cuda.current_device()
     if key not in _PDL:

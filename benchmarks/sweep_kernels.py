@@ -140,7 +140,7 @@ def sweep_rows():
           f"{bench(lambda: rows_lowrank_delta(x, A, B, out=C)):.4f} ms (accumulating below)", flush=True)
     results = []
     for split, parts, warps in itertools.chain(
-        itertools.product((True,), (1, 2, 4), ((4, 4), (2, 4), (2, 2), (1, 2), (8, 4))),
+        itertools.product((True,), (1, 2, 4), ((4, 2), (4, 4), (2, 4), (2, 2), (1, 2), (8, 4))),
         itertools.product((False,), (1,), ((4, 4), (8, 8))),
     ):
         ms = bench_graph(lambda: launch_counter_rows(x, None, out, 12345, 0.01, r, True, split, warps, parts))

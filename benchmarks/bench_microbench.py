@@ -7,7 +7,7 @@ N rows, timed in this process:
   eggroll_pregen_ops      x@W.T + ((x*B).sum(-1, keepdim)) * A_scaled as plain torch ops, stored factors
   eggroll_fly_randn       A, B drawn with torch.randn (N members, no antithetic) every call + kernel
   eggroll_fly_generate    eggroll_optim.core.generate_lowrank_perturbations (antithetic) every call + kernel
-  eggroll_fly_counter     kernels.fast.rows.perturbed_linear_counter: antithetic Philox noise regenerated
+  eggroll_fly_counter     kernels.fast.counter_linear.perturbed_linear_counter: antithetic Philox noise regenerated
                           inside the kernel that writes the low-rank term, then addmm onto it (no noise
                           in memory)
   eggroll_fly_counter_accum  the same with x@W.T first and the kernel adding in place
@@ -30,7 +30,8 @@ import torch
 import common
 from eggroll_optim.core import generate_lowrank_perturbations
 from eggroll_optim.kernels import perturbed_linear
-from eggroll_optim.kernels.fast.rows import counter_pair_factors, perturbed_linear_counter
+from eggroll_optim.kernels.fast.counter import counter_pair_factors
+from eggroll_optim.kernels.fast.counter_linear import perturbed_linear_counter
 from eggroll_optim.noise import antithetic, keyed_pair_factors, noise_dtype, noise_key
 
 

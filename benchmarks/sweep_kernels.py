@@ -8,7 +8,7 @@
          layer-1 product per antithetic pair), with it one per member; programs per SM, register cap,
          stages, lookahead
   parts  the GEMMs around the MLP kernel: x W1ᵀ + b1, and x B1 (a copy of B1, then cuBLAS)
-  rows   the counter-noise rows kernels (``kernels.fast.rows``) alone on the microbenchmark's shapes:
+  rows   the counter-noise rows kernels (``kernels.fast.counter_linear``) alone on the microbenchmark's shapes:
          x (1024, 8192) bf16, rank 1; next to ``x @ W.T`` and ``addmm`` for scale; two launches (projection
          in parts, then the output blocks) or one, warps of each
 Timer: ``triton.testing.do_bench`` (L2 flushed, median); the rows kernels as CUDA-graph replays. The autotune lists in the kernels come from here.
@@ -24,7 +24,8 @@ import torch
 from eggroll_optim.kernels.fast._triton import triton
 from eggroll_optim.kernels.fast.mlp import _fused
 from eggroll_optim.noise import antithetic_pairs
-from eggroll_optim.kernels.fast.rows import launch_counter_rows, rows_lowrank_delta
+from eggroll_optim.kernels.fast.counter_linear import launch_counter_rows
+from eggroll_optim.kernels.fast.rows import rows_lowrank_delta
 
 
 def bench(fn):

@@ -10,9 +10,9 @@ import torch
 
 from interpreted import run_interpreted
 
-from eggroll_optim.kernels.fast.rows import (counter_normals, counter_pair_factors, fused_rows_available,
-                                             launch_counter_rows, pair_stride, perturbed_linear_counter,
-                                             rows_lowrank_delta)
+from eggroll_optim.kernels.fast.counter import counter_normals, counter_pair_factors, pair_stride
+from eggroll_optim.kernels.fast.counter_linear import launch_counter_rows, perturbed_linear_counter
+from eggroll_optim.kernels.fast.rows import fused_rows_available, rows_lowrank_delta
 
 # from (4, 2100, 2050, 1) on: partial and whole blocks (2048 / rank rows) of the counter kernels, at
 # every power-of-two rank, and (2, 1300, 129, 16): projections in chunks of two blocks
@@ -147,7 +147,7 @@ def test_philox_twin_matches_triton_in_interpreter():
     run_interpreted(
         """
         import torch, triton, triton.language as tl
-        from eggroll_optim.kernels.fast.rows import _philox4x32
+        from eggroll_optim.kernels.fast.counter import _philox4x32
         from test_rows import check_all
 
         @triton.jit
@@ -175,7 +175,7 @@ def test_counter_normals_follow_their_definition():
     """Values rebuilt from Philox words by the formula in ``rows``' docstring (lane-major blocks of
     2048, 16-bit uniforms u = low half, v = high half, lane 2k = r cos t, 2k + 1 = r sin t), and a few
     pinned values, so the stream cannot change unnoticed."""
-    from eggroll_optim.kernels.fast.rows import _philox4x32
+    from eggroll_optim.kernels.fast.counter import _philox4x32
 
     seed = 2**40 + 3
     for e in (0, 1, 255, 256, 257, 1000, 2047, 2048, 2048 * 5 + 1799):
@@ -202,7 +202,7 @@ def test_counter_kernels_with_and_without_pdl_eager_and_graphed():
     """The two-launch counter path (programmatic dependent launch on sm_90+) against PDL off, and
     replayed from a CUDA graph (PDL edges captured), on the microbenchmark's shape at rank 1 and a
     ragged one at rank 4: bit for bit the same output every way."""
-    from eggroll_optim.kernels.fast import rows
+    from eggroll_optim.kernels.fast import counter_linear
 
     key = torch.cuda.current_device()
     g = torch.Generator(device="cuda").manual_seed(3)
@@ -212,7 +212,7 @@ def test_counter_kernels_with_and_without_pdl_eager_and_graphed():
         outs = {}
         try:
             for pdl in (True, False):
-                rows._PDL[key] = pdl
+                counter_linear._PDL[key] = pdl
                 outs[pdl] = perturbed_linear_counter(x, W, None, 77, 0.3, R)
                 static = torch.empty_like(outs[pdl])
                 graph = torch.cuda.CUDAGraph()
@@ -223,7 +223,7 @@ def test_counter_kernels_with_and_without_pdl_eager_and_graphed():
                     graph.replay()
                     torch.testing.assert_close(static, outs[pdl], rtol=0, atol=0)
         finally:
-            rows._PDL.pop(key, None)
+            counter_linear._PDL.pop(key, None)
         torch.testing.assert_close(outs[True], outs[False], rtol=0, atol=0)
         ref = dense_counter(x.float()[:4], W.float(), None, 77, 0.3, R)  # the first two pairs, float64
         assert rel(outs[True][:4].float(), ref) < (1.5e-2 if dtype == torch.bfloat16 else 1e-5)

@@ -8,10 +8,11 @@
          layer-1 product per antithetic pair), with it one per member; programs per SM, register cap,
          stages, lookahead
   parts  the GEMMs around the MLP kernel: x W1ᵀ + b1, and x B1 (a copy of B1, then cuBLAS)
-  rows   the counter-noise rows kernels (``kernels.fast.counter_linear``) alone on the microbenchmark's shapes:
-         x (1024, 8192) bf16, rank 1; next to ``x @ W.T`` and ``addmm`` for scale; two launches (projection
+  rows   the counter-noise rows kernels (``kernels.fast.counter_linear``) alone on the microbenchmark's
+         shapes: x (1024, 8192) bf16, rank 1; next to ``x @ W.T`` and ``addmm`` for scale; two launches (projection
          in parts, then the output blocks) or one, warps of each
-Timer: ``triton.testing.do_bench`` (L2 flushed, median); the rows kernels as CUDA-graph replays. The autotune lists in the kernels come from here.
+Timer: ``triton.testing.do_bench`` (L2 flushed, median); the rows kernels as CUDA-graph replays. The
+autotune lists in the kernels come from here.
 Usage: python benchmarks/sweep_kernels.py [rows] [parts] [mlp] [resident]
 """
 from __future__ import annotations

@@ -17,9 +17,8 @@ import torch
 
 from .convert import make_perturbed_forward_fn
 from .kernels import es_gradient, lowrank_linear_delta, perturbed_conv, perturbed_linear
-from .kernels.fast.zscore import fused_zscore, fused_zscore_available
 from .noise import antithetic, antithetic_pairs, draw_pair_factors
-from .shaping import apply_nan_policy, validate_fitness, zscore
+from .shaping import shape_fitness, validate_fitness, zscore
 
 __all__ = [
     "EggrollConfig",
@@ -207,11 +206,7 @@ def eggroll_step(
     population_size = next(iter(perts.values()))[0].shape[0]
     device = next(iter(perts.values()))[0].device
     validate_fitness(fitnesses, population_size, device, nan_policy)
-    if nan_policy == "skip" and fused_zscore_available(fitnesses):  # the finite check and z-score: one launch
-        shaped = fused_zscore(fitnesses, skip_nonfinite=True)
-    else:
-        shaped = normalize_fitnesses(apply_nan_policy(fitnesses, nan_policy))
-    update_params(params, compute_gradients(shaped, perts, population_size), lr)
+    update_params(params, compute_gradients(shape_fitness(fitnesses, nan_policy), perts, population_size), lr)
     lr_decay = config.lr_decay if config is not None else 1.0
     sigma_decay = config.sigma_decay if config is not None else 1.0
     return lr * lr_decay, sigma * sigma_decay

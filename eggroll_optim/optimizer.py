@@ -12,7 +12,7 @@ from .core import validate_hyperparameters
 from .fusion import find_mlp_blocks, install_mlp_hooks
 from .hooks import FOLD_LAYERS, Switch, check_layer, find_owners, install_hooks, is_lowrank, stock_layer
 from .population import Population, PopulationNoise
-from .shaping import SHAPINGS, check_fitness, resolve_shaping
+from .shaping import SHAPINGS, resolve_shaping, shape_fitness, validate_fitness
 
 __all__ = ["EggrollOptimizer"]
 
@@ -205,7 +205,8 @@ class EggrollOptimizer(torch.optim.Optimizer):
         if population is None:
             raise RuntimeError("tell() called before ask()")
         device = next(iter(population.noise.entries))[0].device
-        fitness = check_fitness(fitness, self.population_size, device, self.nan_policy)
+        validate_fitness(fitness, self.population_size, device, self.nan_policy)
+        shaped = self._shape(fitness)  # the NaN policy, then the shaping
         missing = [p for p in population.noise.params if not any(m in population.fired for m in self._holders[p])]
         if missing:
             names = {p: n for n, p in self.module.named_parameters()}
@@ -214,7 +215,6 @@ class EggrollOptimizer(torch.optim.Optimizer):
                 f"No forward ran through the layers of {[names[p] for p in missing]} during this ask(): "
                 "their update would be pure noise. Nothing was updated; the population is discarded."
             )
-        shaped = self._shape(fitness)
         grads = population.gradients(shaped)
         for p, g in grads.items():
             p.grad = (-g / math.sqrt(self.population_size)).to(p.dtype)
@@ -228,7 +228,7 @@ class EggrollOptimizer(torch.optim.Optimizer):
         self._opt_called = True  # lr_scheduler's check that the optimizer stepped
 
     def _shape(self, fitness: torch.Tensor) -> torch.Tensor:
-        shaped = self.shaping(fitness)
+        shaped = shape_fitness(fitness, self.nan_policy, self.shaping)
         if self.shaping in SHAPINGS.values():  # the built-in ones are finite for finite input
             return shaped
         if not isinstance(shaped, torch.Tensor) or shaped.shape != fitness.shape:

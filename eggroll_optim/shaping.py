@@ -1,7 +1,8 @@
 """Fitness shaping (SPEC §4): small pure functions ``(N,) -> (N,)``, higher fitness is better.
 
 ``SHAPINGS`` is the registry; ``resolve_shaping`` turns a name or callable into a function.
-``check_fitness`` validates a raw fitness vector and applies the NaN policy.
+``check_fitness`` validates a raw fitness vector and applies the NaN policy; ``shape_fitness`` applies
+the policy and a shaping (the functional step and ``EggrollOptimizer.tell`` both use it).
 """
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ import torch
 
 from .kernels.fast.zscore import fused_zscore, fused_zscore_available
 
-__all__ = ["SHAPINGS", "apply_nan_policy", "centered_rank", "check_fitness", "identity", "resolve_shaping", "validate_fitness", "zscore"]
+__all__ = [
+    "SHAPINGS", "apply_nan_policy", "centered_rank", "check_fitness", "identity", "resolve_shaping", "shape_fitness",
+    "validate_fitness", "zscore",
+]
 
 Shaping = Callable[[torch.Tensor], torch.Tensor]
 NAN_POLICIES = ("raise", "worst", "skip")
@@ -105,6 +109,15 @@ def apply_nan_policy(fitness: torch.Tensor, nan_policy: str) -> torch.Tensor:
         f"fitness has {len(idx)} NaN/inf member(s) of {population_size}, at indices {idx[:8]}"
         f"{' ...' if len(idx) > 8 else ''}; pass nan_policy='worst' to rank them last"
     )
+
+
+def shape_fitness(fitness: torch.Tensor, nan_policy: str, shaping: Shaping = zscore) -> torch.Tensor:
+    """``shaping(apply_nan_policy(fitness, nan_policy))`` for a fitness that ``validate_fitness`` accepted.
+    The ``"skip"`` policy and the z-score fold into one launch where ``kernels.fast.zscore`` runs (the
+    same numbers: all zeros when any member is NaN/inf)."""
+    if nan_policy == "skip" and shaping is zscore and fused_zscore_available(fitness):
+        return fused_zscore(fitness, skip_nonfinite=True)
+    return shaping(apply_nan_policy(fitness, nan_policy))
 
 
 def validate_fitness(fitness, population_size: int, device: torch.device | None, nan_policy: str) -> None:

@@ -6,7 +6,9 @@ import math
 import pytest
 import torch
 
-from eggroll_optim.shaping import SHAPINGS, centered_rank, check_fitness, identity, resolve_shaping, zscore
+from eggroll_optim.shaping import (
+    SHAPINGS, centered_rank, check_fitness, identity, resolve_shaping, shape_fitness, zscore,
+)
 
 
 def t(*values, dtype=torch.float64):
@@ -147,3 +149,17 @@ def test_check_fitness_wrong_inputs_raise():
         check_fitness(torch.zeros(4, device="meta"), 4, torch.device("cpu"))
     with pytest.raises(ValueError, match="'drop'"):
         check_fitness(torch.zeros(4), 4, nan_policy="drop")
+
+
+def test_shape_fitness_applies_the_policy_then_the_shaping():
+    """What the functional step and ``EggrollOptimizer.tell`` both call: hand-computed values."""
+    f = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    # z-score: mean 3, population variance 3.5
+    torch.testing.assert_close(shape_fitness(f, "skip"), (f - 3.0) / math.sqrt(3.5 + 1e-8))
+    torch.testing.assert_close(shape_fitness(f, "raise", centered_rank), torch.tensor([-0.5, -1 / 6, 1 / 6, 0.5]))
+    bad = torch.tensor([1.0, float("nan"), 3.0, 6.0])
+    assert torch.equal(shape_fitness(bad, "skip"), torch.zeros(4))  # skip: no update at all
+    # worst: NaN becomes min - spread = 1 - 5 = -4, ranked last
+    torch.testing.assert_close(shape_fitness(bad, "worst", identity), torch.tensor([1.0, -4.0, 3.0, 6.0]))
+    with pytest.raises(ValueError, match="NaN/inf"):
+        shape_fitness(bad, "raise")

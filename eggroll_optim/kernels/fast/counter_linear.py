@@ -7,6 +7,7 @@ touches memory. The paper's microbenchmark (Fig. 2a) runs this path.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -314,6 +315,7 @@ class _CounterPlan:
 _PDL: dict = {}
 
 
+@functools.cache
 def _triton_launches_pdl() -> bool:
     """This Triton takes ``launch_pdl`` as a launch option (added in 2025; older ones reject it)."""
     try:

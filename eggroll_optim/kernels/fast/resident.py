@@ -286,9 +286,10 @@ if triton is not None:
             _store_member(z1, zb1, n + 1, b2, rows, row_ok, outs, out_ok, ka, a2_ok, a2_ptr, bn2_ptr, out_ptr, O,
                           stride_a2_n, stride_out_n, R, HAS_BN2)
 
-    _mlp_twin_even = triton.heuristics({
+    _even = triton.heuristics({  # whole row tiles and hidden chunks: no masks
         "EVEN_M": lambda a: a["M"] % a["BM"] == 0, "EVEN_H": lambda a: a["H"] % a["HC"] == 0,
-    })(_mlp_twin_kernel)
+    })
+    _mlp_twin_even = _even(_mlp_twin_kernel)
 
     # the best four of a 16-config sweep (H200, run X): 0.200-0.202 ms for the whole MNIST-step call
     # against 0.214 ms for one layer-1 product per member; at 232 registers nothing spills (two
@@ -302,9 +303,7 @@ if triton is not None:
         key=["N", "M", "H", "O", "R", "HAS_BN2"],
     )(_mlp_twin_even)
 
-    _mlp_resident_even = triton.heuristics({
-        "EVEN_M": lambda a: a["M"] % a["BM"] == 0, "EVEN_H": lambda a: a["H"] % a["HC"] == 0,
-    })(_mlp_resident_kernel)
+    _mlp_resident_even = _even(_mlp_resident_kernel)
 
     # programs per SM, register cap, pipeline stages: the best three of a 40-config sweep on the MNIST
     # step's shapes (H200, run U in benchmarks/RESULTS.md). Two or three stages load the next member's
@@ -333,9 +332,9 @@ def resident_fits(M, H, O, R, activation, tf32, has_bn1) -> bool:
 def launch_resident(base, xb, A1, bn1, W2, b2, B2, A2, bn2, out, config=None, twin=False):
     """Write ``out (N, M, O)`` for the shared ``base (M, H)`` and ``xb`` (``x B1``: ``(N, M, R)``, or
     ``(N/2, M, R)``, one per antithetic pair). ``twin``: the factors are antithetic pairs (``A1`` negated,
-    ``B2`` repeated within a pair; ``xb`` one per pair) and there is no layer-1 bias noise. ``config``: fixed launch options
-    instead of the autotuned ones (sweeps, tests). Inputs beyond float16's range (``|x B1|`` or a base
-    entry over 65504) saturate like the tanh they feed."""
+    ``B2`` repeated within a pair; ``xb`` one per pair) and there is no layer-1 bias noise. ``config``:
+    fixed launch options instead of the autotuned ones (sweeps, tests). Inputs beyond float16's range
+    (``|x B1|`` or a base entry over 65504) saturate like the tanh they feed."""
     N, H, R = A1.shape
     M, O = base.shape[0], W2.shape[0]
     pair = N // xb.shape[0]  # 1, or 2: x B1 per antithetic pair
@@ -350,18 +349,17 @@ def launch_resident(base, xb, A1, bn1, W2, b2, B2, A2, bn2, out, config=None, tw
         return (row_tiles * max(1, min(units, sms * meta["PER_SM"] // row_tiles)),)
 
     interpreted = _interpreted()
-    fixed = (config or {"PER_SM": 2, "LOOKAHEAD": True, "num_warps": 4}) if interpreted else (config or {})
+    fixed = config or ({"PER_SM": 2, "LOOKAHEAD": True, "num_warps": 4} if interpreted else {})
+    sizes = (N, M, H, O, xb.stride(0), xb.stride(1), A1.stride(0), A2.stride(0), B2.stride(0), B2.stride(1),
+             out.stride(0))
+    flags = dict(HAS_BN2=bn2 is not None, FAST=not interpreted, BM=_RESIDENT_BM, HC=HC, NC=triton.cdiv(H, HC), BO=BO,
+                 **fixed)
+    bn2 = bn2 if bn2 is not None else A2  # a placeholder pointer when there is none
     if twin:  # antithetic pairs, no layer-1 bias noise: one layer-1 product per pair
         (_mlp_twin_even if fixed else _mlp_twin_tuned)[grid](
-            base, xb, A1, w2t, b2, B2, A2, bn2 if bn2 is not None else A2, out,
-            N, M, H, O, xb.stride(0), xb.stride(1), A1.stride(0), A2.stride(0), B2.stride(0), B2.stride(1),
-            out.stride(0), R=R, RP=_pow2(R, 1), HAS_BN2=bn2 is not None, FAST=not interpreted, BM=_RESIDENT_BM,
-            HC=HC, NC=triton.cdiv(H, HC), BO=BO, **fixed)
+            base, xb, A1, w2t, b2, B2, A2, bn2, out, *sizes, R=R, RP=_pow2(R, 1), **flags)
         return out
     (_mlp_resident_even if fixed else _mlp_resident_tuned)[grid](
-        base, xb, A1, bn1 if bn1 is not None else A1, w2t, b2, B2, A2, bn2 if bn2 is not None else A2, out,
-        N, M, H, O, xb.stride(0), xb.stride(1), A1.stride(0), A2.stride(0), B2.stride(0), B2.stride(1),
-        out.stride(0), R=R, RP=_pow2(R + (bn1 is not None), 1), HAS_BN1=bn1 is not None,
-        HAS_BN2=bn2 is not None, FAST=not interpreted, BM=_RESIDENT_BM, HC=HC, NC=triton.cdiv(H, HC), BO=BO,
-        PAIR=pair, **fixed)
+        base, xb, A1, bn1 if bn1 is not None else A1, w2t, b2, B2, A2, bn2, out, *sizes, R=R,
+        RP=_pow2(R + (bn1 is not None), 1), HAS_BN1=bn1 is not None, PAIR=pair, **flags)
     return out

@@ -97,6 +97,18 @@ RESIDENT_CASES = [(64, 12, 64, 5, 6, 2), (100, 20, 100, 7, 5, 4), (70, 12, 16, 3
                   (130, 6, 256, 10, 9, 1)]
 
 
+def _resident_launch(fn):
+    """``fn()`` and the ``twin`` flag of every ``launch_resident`` call it made (which resident kernel ran)."""
+    from eggroll_optim.kernels.fast import mlp
+
+    calls, launch = [], mlp.launch_resident
+    mlp.launch_resident = lambda *args: calls.append(args[-1]) or launch(*args)
+    try:
+        return fn(), calls
+    finally:
+        mlp.launch_resident = launch
+
+
 def _resident_errors(device, seed):
     """Relative errors of the resident kernel (forced, and as ``perturbed_mlp`` picks it) against float64."""
     from eggroll_optim.kernels.fast.mlp import _fused
@@ -130,7 +142,9 @@ def _resident_errors(device, seed):
             # two float16 paths (each within TF32 accuracy of float64) agree to that accuracy
             close = lambda a, b: ((a - b).norm() / b.norm()).item() < 5e-3  # noqa: E731
             plain = [(W, b, A.clone(), B.clone()) for W, b, A, B in (l1, l2)]  # unmarked: x B1 per member
-            twin = _fused(x, l1, l2, "tanh", True, (None, None))
+            twin, took_twin = _resident_launch(lambda: _fused(x, l1, l2, "tanh", True, (None, None)))
+            assert took_twin == [True]  # the twin kernel ran: what follows compares two kernels, not one with itself
+            assert _resident_launch(lambda: _fused(x, *plain, "tanh", True, (None, None)))[1] == [False]
             assert close(twin, _fused(x, *plain, "tanh", True, (None, None)))
             # one layer-1 product per pair (the twin kernel) against one per member
             assert close(twin, _fused(x, l1, l2, "tanh", True, (None, None), twin=False))
@@ -144,7 +158,7 @@ def _resident_errors(device, seed):
             errors.append(_relative_error(x, l1, (l2[0], l2[1], rnd(2 * P, O, R, k=0.3), rnd(2 * P, H, R)), "tanh"))
             W2, b2, A2, B2 = l2
             B2 = B2.clone().permute(1, 0, 2).contiguous().permute(1, 0, 2)  # a fresh (unmarked) copy
-            l2b = antithetic_pairs(A2[0::2].clone() / A2[0, 0, 0] * A2[0, 0, 0], B2[0::2].contiguous(), 0.3, R)
+            l2b = antithetic_pairs(A2[0::2].clone(), B2[0::2].contiguous(), 0.3, R)
             l2b = (W2, b2, *l2b)
             l2b[3][1].mul_(3.0)  # member 1's B2 changes: the pair note is void
             assert not antithetic_half(l2b[3])[0]
@@ -153,6 +167,10 @@ def _resident_errors(device, seed):
             # 10-bit mantissa (TF32's too) no longer resolves pre-activations near 0, so only finiteness is checked
             for kw in ({}, dict(twin=False)):
                 assert torch.isfinite(_fused(x * 1e5, l1, l2, "tanh", True, (None, None), **kw)).all()
+            # A1 no longer antithetic (B1 and B2 still paired): one layer-1 product per member, right values
+            l1[2][1].mul_(3.0)
+            errors.append(_relative_error(x, l1, l2, "tanh", True))
+            assert _resident_launch(lambda: _fused(x, l1, l2, "tanh", True, (None, None)))[1] == [False]
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
     return errors

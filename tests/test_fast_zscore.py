@@ -34,6 +34,7 @@ def check(device):
         bad[n // 2] = float("nan") if n % 2 else float("inf")
         assert torch.equal(fused_zscore(bad, skip_nonfinite=True), torch.zeros_like(f))  # "skip": no update
         assert torch.isnan(fused_zscore(bad)).all() and torch.isnan(torch_zscore(bad)).all()  # as torch: all NaN
+        assert torch.isnan(zscore(bad)).all()  # the shaping too (the "skip" zeros are shape_fitness's, not its)
     one_nan = torch.tensor([float("nan"), 0.0, 0.0, 0.0], device=device)  # max/min skip NaN: not "all equal"
     assert torch.isnan(fused_zscore(one_nan)).all()
     flat = torch.full((300,), 0.1, device=device)

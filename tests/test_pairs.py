@@ -22,14 +22,12 @@ def check(device):
     )
     from eggroll_optim.noise import _pair_rows
 
-    pair_rows_available = layout_kernels_available
-
     g = torch.Generator().manual_seed(0)
     half = [torch.bfloat16] if device == "cuda" else []  # Triton's interpreter: float32/float64 only
     for shape in SHAPES:
         for dtype in (torch.float32, torch.float64, *half):
             B = torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
-            assert pair_rows_available(B)
+            assert layout_kernels_available(B)
             assert torch.equal(pair_rows(B), torch_layout(B)), (shape, dtype)
             both, one = pair_rows(B, half=True)  # the pair layout and, in the same pass, one row set per pair
             assert torch.equal(both, torch_layout(B)) and torch.equal(one, B.permute(1, 0, 2)), (shape, dtype)
@@ -37,9 +35,13 @@ def check(device):
             pop = _pair_rows(B)  # (2P, n, r), stored (n, 2P, r)
             assert pop.shape == (2 * P, n, r) and pop.permute(1, 0, 2).is_contiguous()
             assert torch.equal(pop[0::2], B) and torch.equal(pop[1::2], B)
-    assert not pair_rows_available(torch.randn(4, 3, 2, device=device).permute(1, 0, 2))  # not contiguous
+        if not half:  # bfloat16 where the interpreter cannot run the kernel: torch's copy, the same layout
+            B16 = torch.randn(*shape, generator=g).to(device=device, dtype=torch.bfloat16)
+            pop = _pair_rows(B16)
+            assert pop.permute(1, 0, 2).is_contiguous() and torch.equal(pop[0::2], B16) and torch.equal(pop[1::2], B16)
+    assert not layout_kernels_available(torch.randn(4, 3, 2, device=device).permute(1, 0, 2))  # not contiguous
     if device == "cpu":
-        assert not pair_rows_available(torch.randn(4, 3, 2).bfloat16())
+        assert not layout_kernels_available(torch.randn(4, 3, 2).bfloat16())
     dtypes = [(torch.float32, torch.float32), (torch.float64, torch.float64)]
     if device == "cuda":  # Triton's interpreter has no bfloat16 arithmetic
         dtypes.append((torch.bfloat16, torch.float32))
@@ -113,6 +115,11 @@ def check_callers(device):
     torch.testing.assert_close(d(lowrank_gradient_sum(f, A_s, B_pop)), expected, rtol=1e-5, atol=1e-5)
     A_s[0].neg_()
     assert antithetic_half(A_s) == (False, None)
+    A_s, B_pop = antithetic_pairs(A, B, 0.2, r)
+    A_s[1].mul_(3.0)  # A no longer antithetic while B still is, with its per-pair copy: the generic sum
+    assert not antithetic_half(A_s)[0] and antithetic_half(B_pop)[0]
+    expected = torch.einsum("n,nmr,nkr->mk", d(f), d(A_s), d(B_pop))
+    torch.testing.assert_close(d(lowrank_gradient_sum(f, A_s, B_pop)), expected, rtol=1e-5, atol=1e-5)
     A_s, B_pop = antithetic_pairs(A, B, 0.2, r)
     B_pop.data = B_pop.data.clone()  # a new storage under the same tensor: the note is void too
     assert antithetic_half(B_pop) == (False, None)

@@ -44,8 +44,12 @@ class Rollout:
         self.net = make_policy(seed, device)
         self.opt = EggrollOptimizer(self.net, lr=0.05, sigma=0.1, rank=4, population_size=N, seed=seed) if perturbed else None
         self.env = TorchCartPole(N, device=device)
-        self.policy = (lambda obs: self.net(obs).argmax(-1)) if policy_net else trivial
+        self.policy = self._act if policy_net else trivial
         self.seed = seed
+
+    def _act(self, obs):
+        population = self.opt.population if self.opt is not None else None
+        return self.net(obs if population is None else population.per_member(obs)).argmax(-1)
 
     def rollout(self):
         return rollout_returns(self.policy, self.env, self.T, seed=self.seed, check_every=10 * self.T, paired=True)

@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 
 from .core import validate_hyperparameters
-from .fusion import find_mlp_blocks, install_mlp_hooks
-from .hooks import FOLD_LAYERS, Switch, check_layer, find_owners, install_hooks, is_lowrank, stock_layer
+from .hooks import Switch, install
+from .plan import FULLRANK_MAX_NUMEL, make_plan
 from .population import Population, PopulationNoise
 from .shaping import SHAPINGS, resolve_shaping, shape_fitness, validate_fitness
 
@@ -81,6 +81,8 @@ class EggrollOptimizer(torch.optim.Optimizer):
         unsupported: str = "raise",
         reuse_noise: bool = False,
         noise_block: int | None = None,
+        fullrank_max_numel: int = FULLRANK_MAX_NUMEL,
+        fused: bool | None = None,
     ):
         validate_hyperparameters(population_size, rank, sigma, lr)
         if not sigma_decay > 0:
@@ -91,6 +93,8 @@ class EggrollOptimizer(torch.optim.Optimizer):
             raise ValueError(f"Invalid nan_policy: {nan_policy!r} (expected 'raise' or 'worst')")
         if unsupported not in ("raise", "freeze"):
             raise ValueError(f"Invalid unsupported: {unsupported!r} (expected 'raise' or 'freeze')")
+        if fused not in (None, True, False):
+            raise ValueError(f"Invalid fused: {fused!r} (expected None, True or False)")
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
         self.module = module
@@ -103,10 +107,10 @@ class EggrollOptimizer(torch.optim.Optimizer):
         self.noise_block = noise_block or min(population_size // 2, MAX_BLOCK_PAIRS)
         self.nan_policy = nan_policy
         self.shaping = resolve_shaping(fitness_shaping)
-        self._owners, self._holders = find_owners(module, unsupported)
+        self._plan = make_plan(module, unsupported, fullrank_max_numel, fused)
         self._param_index = {p: i for i, p in enumerate(module.parameters())}
         if params is None:
-            params = [p for p, (m, name) in self._owners.items() if evolve_biases or is_lowrank(m, name)]
+            params = [*self._plan.lowrank, *(self._plan.free if evolve_biases else ())]
         super().__init__(params, dict(lr=lr, sigma=sigma, rank=rank))
         self.inner = self._make_inner(optimizer)
         self._step_count = 0
@@ -123,10 +127,11 @@ class EggrollOptimizer(torch.optim.Optimizer):
             raise ValueError("A param group of EggrollOptimizer needs at least one parameter")
         param_group = dict(param_group, params=params)
         for p in params:
-            if p not in getattr(self, "_owners", {}):
+            plan = getattr(self, "_plan", None)
+            if plan is None or (p not in plan.lowrank and p not in plan.free):
                 raise ValueError(
-                    f"Parameter of shape {tuple(p.shape)} is not a trainable parameter of a supported "
-                    "layer of the module given to EggrollOptimizer"
+                    f"Parameter of shape {tuple(p.shape)} is not a trainable parameter of the module given to "
+                    "EggrollOptimizer (or one it cannot perturb)"
                 )
         for key, check in (("sigma", lambda v: v > 0), ("rank", lambda v: isinstance(v, int) and v >= 1)):
             if key in param_group and not check(param_group[key]):
@@ -147,13 +152,11 @@ class EggrollOptimizer(torch.optim.Optimizer):
 
     def _install(self) -> None:
         self.remove_hooks()
-        # every stock layer, evolved or not: a frozen conv or norm still sees per-member inputs
-        modules = [m for m in self.module.modules() if stock_layer(m) or isinstance(m, FOLD_LAYERS)]
         evolved = {p for g in self.param_groups for p in g["params"]}
-        for layer in {m for p in evolved for m in self._holders[p]}:
-            check_layer(layer)  # options the perturbation cannot honour (padding_mode, max_norm)
-        self._handles = install_hooks(modules, self._switch)
-        self._handles += install_mlp_hooks(find_mlp_blocks(self.module, evolved), self._switch)
+        for module, rule in self._plan.rules:
+            if any(p in evolved for p in module.parameters()):
+                rule.check(module)  # options the perturbation cannot honour (max_norm, ...)
+        self._handles = install(self.module, self._plan, self._switch)
         self._finalizer = weakref.finalize(self, _remove, self._handles)
 
     def remove_hooks(self) -> None:
@@ -172,7 +175,7 @@ class EggrollOptimizer(torch.optim.Optimizer):
         if self._population is not None:
             raise RuntimeError("ask() called twice: call tell(fitness) for the pending population first")
         self._population = Population(
-            self._noise(), self.population_size, self.chunk_size, self._discard, self._switch
+            self._noise(), self.population_size, self.chunk_size, self._discard, self._switch, self._plan
         )
         return self._population
 
@@ -191,11 +194,10 @@ class EggrollOptimizer(torch.optim.Optimizer):
         entries = []
         for group in self.param_groups:
             for p in group["params"]:
-                module, name = self._owners[p]
                 key = (self.seed, step, self._param_index[p])
-                lowrank = is_lowrank(module, name)
-                padding = getattr(module, "padding_idx", None) if lowrank else None  # that row stays put
-                entries.append((p, key, group["sigma"], group["rank"], lowrank, padding))
+                lowrank = self._plan.is_lowrank(p)
+                zero_row = self._plan.zero_rows.get(p) if lowrank else None  # e.g. padding_idx: stays put
+                entries.append((p, key, group["sigma"], group["rank"], lowrank, zero_row))
         return PopulationNoise(entries, self.noise_block)
 
     @torch.no_grad()
@@ -207,9 +209,9 @@ class EggrollOptimizer(torch.optim.Optimizer):
         device = next(iter(population.noise.entries))[0].device
         validate_fitness(fitness, self.population_size, device, self.nan_policy)
         shaped = self._shape(fitness)  # the NaN policy, then the shaping
-        missing = [p for p in population.noise.params if not any(m in population.fired for m in self._holders[p])]
+        missing = [p for p in population.noise.params if not any(m in population.fired for m in self._plan.users[p])]
         if missing:
-            names = {p: n for n, p in self.module.named_parameters()}
+            names = self._plan.names
             self.discard()  # its evaluation is spent: discard it so that ask() works again
             raise RuntimeError(
                 f"No forward ran through the layers of {[names[p] for p in missing]} during this ask(): "
@@ -287,6 +289,12 @@ class EggrollOptimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         self._step_count, self.seed = int(extra["step"]), int(extra["seed"])
         self.inner.load_state_dict(extra["inner"])
+
+    @property
+    def population(self) -> Population | None:
+        """The pending population (between ``ask()`` and ``tell()``), else ``None``: a closure given to
+        ``step`` reaches it here, e.g. ``opt.population.per_member(x)``."""
+        return self._population
 
     @property
     def step_count(self) -> int:

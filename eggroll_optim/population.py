@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from .hooks import IDLE, Chunk, Switch
+from .hooks import IDLE, PerMember, Switch, run_members
 from .kernels import fullrank_gradient_sum, lowrank_gradient_sum
 from .noise import antithetic_pairs, keyed_pair_normals, noise_dtype, noise_key
 
-__all__ = ["Population", "PopulationNoise"]
+__all__ = ["Chunk", "Population", "PopulationNoise"]
 
 
 class PopulationNoise:
@@ -54,20 +54,50 @@ class PopulationNoise:
         return noise
 
 
+class Chunk:
+    """The active members ``[start, stop)``: their factors and per-member parameter values."""
+
+    def __init__(self, population: "Population", start: int, stop: int, noise: dict, plan):
+        self.population, self.start, self.stop = population, start, stop
+        self.fired = population.fired
+        self.factors = {p: v for p, v in noise.items() if plan.is_lowrank(p)}
+        self.values = {  # p + e_i (n, *shape), in p's dtype
+            p: (p.detach().to(v.dtype) + v).to(p.dtype) for p, v in noise.items() if not plan.is_lowrank(p)
+        }
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The active members' rows of a per-member input: ``(N, ...)``, or ``(n, ...)`` for this chunk."""
+        if x.dim() >= 1 and x.shape[0] == self.population.size:
+            return x[self.start:self.stop]
+        if x.dim() >= 1 and x.shape[0] == self.size:
+            return x
+        expected = f"{self.population.size}" + (f" (or {self.size}, this chunk)" if self.population.chunked else "")
+        raise ValueError(f"per_member input must have leading dim {expected}, got shape {tuple(x.shape)}")
+
+
 class Population:
     """Handle returned by ``EggrollOptimizer.ask()``; a context manager.
 
     Unchunked, all ``N`` members are active from ``ask()`` until ``tell()`` or ``with`` exit.
     Chunked, ``for members in population.chunks():`` activates ``members`` (a ``slice``) in turn.
+    While members are active, calling the optimizer's module runs all of them: a plain tensor
+    argument is one batch shared by every member, ``population.per_member(x)`` gives member ``i``
+    the row ``x[i]``; the output is ``(n, *output)`` for the ``n`` active members.
     """
 
     def __init__(self, noise: PopulationNoise, population_size: int, chunk_size: int, on_abort=None,
-                 switch: Switch | None = None):
+                 switch: Switch | None = None, plan=None):
         self.noise, self.size, self.chunk_size = noise, population_size, chunk_size
         self.switch = Switch() if switch is None else switch  # what the hooks read
+        self.plan = plan
         self._on_abort = on_abort  # called when a ``with`` block exits with an exception
         self.fired: set = set()
         self._cache: tuple[int, int, dict] | None = None
+        self._active: Chunk | None = None
         self._closed = False
         self._set_active(None)
         if chunk_size >= population_size:
@@ -90,10 +120,10 @@ class Population:
     def _set_active(self, chunk: Chunk | None) -> None:
         self._active = chunk
         idle = chunk is None and self.chunked and not self._closed
-        self.switch.chunk = IDLE if idle else chunk
+        self.switch.population = IDLE if idle else (self if chunk is not None else None)
 
     def _activate(self, start: int, stop: int) -> None:
-        self._set_active(Chunk(self.size, start, stop, self._noise_for(start, stop), self.fired))
+        self._set_active(Chunk(self, start, stop, self._noise_for(start, stop), self.plan))
 
     def chunks(self):
         """Yield ``slice(start, stop)`` for each chunk, with its perturbations active."""
@@ -110,11 +140,49 @@ class Population:
             raise RuntimeError("No members are active")
         return slice(self._active.start, self._active.stop)
 
+    def per_member(self, x: torch.Tensor) -> PerMember:
+        """Mark ``x (N, ...)`` as one input per member: member ``i`` sees ``x[i]`` (inside a chunk,
+        the chunk's rows are taken; a tensor of the chunk's size is taken as it is)."""
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            raise TypeError(f"per_member expects a tensor with a leading member dim, got {x!r}"[:200])
+        if x.shape[0] != self.size and not self.chunked:
+            raise ValueError(f"per_member input must have leading dim {self.size} (the population), "
+                             f"got shape {tuple(x.shape)}")
+        return PerMember(x)
+
     def slice(self, x: torch.Tensor) -> torch.Tensor:
         """The active members' rows of a per-member tensor ``(N, ...)``."""
         if x.shape[0] != self.size:
             raise ValueError(f"Expected a leading dim of {self.size} (the population), got {tuple(x.shape)}")
         return x[self.members]
+
+    def run(self, inner, root, args, kwargs):
+        """Run ``inner`` (the root's forward) for every active member; called by the root's override."""
+        if self._active is None:
+            raise RuntimeError("No members are active")
+        return run_members(self.switch, self.plan, root, self._active, inner, args, kwargs)
+
+    def member_state_dict(self, i: int, module=None) -> dict:
+        """Member ``i``'s dense parameters ``{name: tensor}``: every evolved parameter perturbed
+        (``W + A_scaled_i B_iᵀ`` reshaped to ``W``, ``p + e_i`` full-rank), the others as they are.
+
+        ``torch.func.functional_call(module, population.member_state_dict(i), x)`` is member ``i``'s
+        output on ``x`` (the reference the tests hold the population to)."""
+        if not 0 <= i < self.size:
+            raise IndexError(f"member {i} is outside the population of {self.size}")
+        module = self.plan.root if module is None else module
+        pair = self.noise.chunk_noise(i - i % 2, i - i % 2 + 2)
+        out = {}
+        for name, p in module.named_parameters(remove_duplicate=False):
+            value = pair.get(p)
+            if value is None:
+                out[name] = p.detach().clone()
+            elif isinstance(value, tuple):
+                A, B = value[0][i % 2], value[1][i % 2]
+                out[name] = (p.detach() + (A @ B.T).view(p.shape).to(p.dtype))
+            else:
+                out[name] = (p.detach().to(value.dtype) + value[i % 2]).to(p.dtype)
+        return out
 
     def gradients(self, shaped: torch.Tensor) -> dict:
         """``{param: Σ_i f_i noise_i}`` over every chunk (divide by ``sqrt(N)`` for the estimate)."""

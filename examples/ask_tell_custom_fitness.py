@@ -3,7 +3,7 @@
 Backprop cannot use accuracy (its gradient is zero almost everywhere); ES only needs its value.
 Accuracy on a mini-batch is quantised (many ties), so the fitness is shaped by centered ranks.
 The population is evaluated in chunks (``chunk_size``), and every antithetic pair (2k, 2k+1)
-gets its own mini-batch: a per-member input (N, B, 2), sliced per chunk with ``population.slice``.
+gets its own mini-batch: a per-member input (N, B, 2), marked with ``population.per_member`` (the active chunk's rows are taken).
 
     python examples/ask_tell_custom_fitness.py [--quick] [--check] [--device cpu] [--seed 0]
 """
@@ -69,7 +69,7 @@ def main():
         fitness = torch.empty(N, device=device)
         population = opt.ask()
         for members in population.chunks():  # members: slice(start, stop), its noise active
-            logits = model(population.slice(x))  # (n, B, 3)
+            logits = model(population.per_member(x))  # member i sees x[i]: (n, B, 3)
             fitness[members] = accuracy(logits, population.slice(y))  # (n,)
         opt.tell(fitness)
         if step % max(1, steps // 6) == 0 or step == steps - 1:

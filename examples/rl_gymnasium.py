@@ -47,7 +47,7 @@ class Policy(nn.Module):
             self.register_buffer("half_range", (high - low) / 2)
 
     def forward(self, obs):
-        out = self.net(obs)  # (n, out_dim); inside ask() every member's own perturbation
+        out = self.net(obs)  # (out_dim,) per observation; inside ask() each member's own perturbation
         return out.argmax(-1) if self.discrete else self.center + self.half_range * torch.tanh(out)
 
 
@@ -82,8 +82,9 @@ def main():
     initial = episode_returns(envs, policy, eval_seed, device).mean().item()  # hooks inert: mean policy
     t0 = time.perf_counter()
     for generation in range(generations):
-        opt.ask()  # perturbations stay active for every forward until tell()
-        returns = episode_returns(envs, policy, args.seed * 100_000 + generation * N, device)
+        population = opt.ask()  # perturbations stay active for every forward until tell()
+        act = lambda obs: policy(population.per_member(obs))  # member i acts on observation i
+        returns = episode_returns(envs, act, args.seed * 100_000 + generation * N, device)
         opt.tell(returns.to(device))
         print(f"  generation {generation:3d}  population mean return {returns.mean().item():8.1f}  "
               f"max {returns.max().item():8.1f}")

@@ -1,4 +1,4 @@
-"""Fused Sequential(Linear, act, Linear) hooks equal the dense float64 reference.
+"""The fused Sequential(Linear, act, Linear) rule equals the dense float64 reference.
 
 CPU: the fused path runs under Triton's interpreter in a subprocess (and the default CPU path is
 the per-layer hooks, checked in the same way); CUDA: compiled (marked ``cuda``).
@@ -11,7 +11,7 @@ import torch.nn as nn
 from interpreted import run_interpreted
 
 from eggroll_optim import EggrollOptimizer
-from eggroll_optim.fusion import find_mlp_blocks
+from eggroll_optim.layers import rule_for
 
 pytest.importorskip("triton")
 
@@ -25,7 +25,7 @@ def fused_vs_dense(device: str, dtype=torch.float32) -> float:
         opt = EggrollOptimizer(model, population_size=8, sigma=0.3, rank=3, evolve_biases=evolve)
         x = torch.randn(*shape, device=device)
         with opt.ask() as population:
-            out = model(x)
+            out = model(population.per_member(x) if shape[0] == 8 else x)
         noise = population.noise.chunk_noise(0, 8)
         lin1, _, lin2 = model
         refs = []
@@ -44,11 +44,20 @@ def fused_vs_dense(device: str, dtype=torch.float32) -> float:
     return worst
 
 
-def test_blocks_found_only_when_both_weights_evolve():
+def test_block_rule_only_for_exact_blocks_and_not_with_fused_false():
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
-    assert find_mlp_blocks(model, {model[0].weight, model[2].weight}) == [model]
-    assert find_mlp_blocks(model, {model[0].weight}) == []
-    assert find_mlp_blocks(nn.Sequential(nn.Linear(4, 8), nn.Sigmoid(), nn.Linear(8, 2)), set()) == []
+    assert rule_for(model).fused and rule_for(model, fused=False) is None
+    assert rule_for(nn.Sequential(nn.Linear(4, 8), nn.Sigmoid(), nn.Linear(8, 2))) is None
+    opt = EggrollOptimizer(model, [model[0].weight], population_size=4)  # one weight evolved: per layer
+    with opt.ask():
+        assert model(torch.randn(3, 4)).shape == (4, 3, 2)
+
+
+def test_fused_true_raises_where_the_kernel_cannot_run():
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    opt = EggrollOptimizer(model, population_size=4, fused=True)
+    with opt.ask() as population, pytest.raises(RuntimeError, match="fused=True"):
+        model(population.per_member(torch.randn(4, 3, 4)))  # per-member input on CPU: no fused kernel
 
 
 def test_per_layer_path_on_cpu_matches_dense():
@@ -58,7 +67,7 @@ def test_per_layer_path_on_cpu_matches_dense():
 def test_fused_path_in_triton_interpreter_matches_dense():
     run_interpreted(
         """
-        import eggroll_optim.fusion as fusion
+        import eggroll_optim.layers.fused as fusion
         calls = []
         kernel = fusion.perturbed_mlp
         fusion.perturbed_mlp = lambda *a, **k: calls.append(1) or kernel(*a, **k)

@@ -1,4 +1,4 @@
-"""The layer hooks against float64 dense references, and their inertness outside ``ask()``.
+"""The population forward against float64 dense references, and its inertness outside ``ask()``.
 
 The reference materialises member ``i``'s parameters (``W + A_scaled_i B_iᵀ`` reshaped to the
 weight, ``b + noise_i`` for full-rank ones) and runs the plain module through
@@ -40,18 +40,18 @@ def _dense(module: nn.Module, noise: dict, x: torch.Tensor, per_member: bool) ->
     return torch.stack([functional_call(module, _member_params(module, noise, i), (xi,)) for i, xi in enumerate(xs)])
 
 
-def _run(module: nn.Module, x: torch.Tensor, **kwargs):
-    """Output inside ``ask()`` and the population's noise."""
+def _run(module: nn.Module, x: torch.Tensor, per_member: bool, **kwargs):
+    """Output inside ``ask()`` (``x`` marked per member or shared) and the population's noise."""
     module = module.double()
     opt = EggrollOptimizer(module, lr=0.1, sigma=SIGMA, rank=RANK, population_size=N, seed=7, **kwargs)
     with opt.ask() as population:
-        out = module(x)
+        out = module(population.per_member(x) if per_member else x)
         noise = population.noise.chunk_noise(0, N)
     return out, noise
 
 
 def _check(module, x, per_member, expected_shape, **kwargs):
-    out, noise = _run(module, x, **kwargs)
+    out, noise = _run(module, x, per_member, **kwargs)
     ref = _dense(module, noise, x, per_member)
     assert out.shape == expected_shape
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
@@ -60,16 +60,14 @@ def _check(module, x, per_member, expected_shape, **kwargs):
     return out, noise
 
 
-def test_linear_per_member_shared_and_expanded_inputs():
+def test_linear_per_member_and_shared_inputs_never_guessed_from_sizes():
     torch.manual_seed(0)
     lin = nn.Linear(5, 3)
     x = torch.randn(N, 6, 5, dtype=torch.float64)
     _check(lin, x, True, (N, 6, 3))
-    shared = torch.randn(2, 6, 5, dtype=torch.float64)  # (*batch, in), no population dim
-    out_shared, _ = _check(lin, shared, False, (N, 2, 6, 3))
-    expanded = shared[0].expand(N, 6, 5)  # stride-0 view: shared, computed once
-    out_expanded, _ = _check(lin, expanded, True, (N, 6, 3))
-    torch.testing.assert_close(out_expanded, out_shared[:, 0], rtol=0, atol=1e-12)
+    out_shared, _ = _check(lin, x, False, (N, N, 6, 3))  # leading dim N, unmarked: a shared batch
+    out_rows, _ = _check(lin, x[:, 0], True, (N, 3))  # one row per member: x[i] is (in,)
+    torch.testing.assert_close(out_rows, torch.stack([out_shared[i, i, 0] for i in range(N)]), rtol=0, atol=1e-12)
 
 
 def test_noise_is_the_keyed_draw_with_the_spec_scales():
@@ -115,16 +113,13 @@ def test_conv_matches_dense(case, per_member):
     _check(conv, x, per_member, (N, *ref.shape))
 
 
-def test_conv_stride0_expand_equals_shared_and_bad_leading_dim_raises():
+def test_conv_unbatched_input_and_bad_per_member_leading_dim_raises():
     torch.manual_seed(0)
     conv, shape = CONVS[2][0](), CONVS[2][1]
-    x = torch.randn(*shape, dtype=torch.float64)
-    out_shared, _ = _check(conv, x, False, (N, 3, 6, 4, 7))
-    out_expanded, _ = _check(conv, x.expand(N, *shape), True, (N, 3, 6, 4, 7))
-    torch.testing.assert_close(out_expanded, out_shared, rtol=0, atol=1e-12)
+    out, _ = _check(conv, torch.randn(*shape[1:], dtype=torch.float64), False, (N, 6, 4, 7))  # no batch dim
     opt = EggrollOptimizer(conv, population_size=N)
-    with opt.ask(), pytest.raises(ValueError, match="leading dim 4"):
-        conv(torch.randn(3, *shape, dtype=torch.float64))  # neither N nor shared: never x[0]
+    with opt.ask() as population, pytest.raises(ValueError, match="leading dim 4"):
+        population.per_member(torch.randn(3, *shape, dtype=torch.float64))  # not N members
 
 
 @pytest.mark.parametrize("per_member", [False, True])
@@ -173,7 +168,8 @@ def test_small_cnn_with_pooling_and_flatten_matches_dense():
 
 
 def _hook_count(module: nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
+    """Forward hooks, pre-hooks and per-instance ``forward`` overrides."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + ("forward" in m.__dict__) for m in module.modules())
 
 
 def _net():
@@ -228,18 +224,26 @@ def test_deleting_the_optimizer_removes_its_hooks():
 # ---------------------------------------------------------------- which layers, which inputs
 
 
-def test_unsupported_trainable_layer_raises_or_is_frozen_with_a_warning():
+class _Gate(nn.Module):  # a custom layer: its parameters are used directly
+    def __init__(self, shape):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(*shape))
+
+    def forward(self, x):
+        return x * self.w.sum()
+
+
+def test_big_matrix_without_a_rule_raises_or_is_frozen_with_a_warning():
     torch.manual_seed(0)
-    net = nn.Sequential(nn.BatchNorm1d(3), nn.Linear(3, 2))
-    with pytest.raises(TypeError, match=r"0\.weight \(BatchNorm1d\)"):
+    net = nn.Sequential(_Gate((600, 500)), nn.Linear(3, 2))
+    with pytest.raises(TypeError, match=r"0\.w \(_Gate, \(600, 500\)\)"):
         EggrollOptimizer(net, population_size=N)
-    with pytest.warns(UserWarning, match="BatchNorm1d"):
+    with pytest.warns(UserWarning, match="_Gate"):
         opt = EggrollOptimizer(net, population_size=N, unsupported="freeze")
-    # the frozen BatchNorm only folds per-member inputs (a fold hook); it is never perturbed or updated
-    bn_before, lin_before = [p.detach().clone() for p in net[0].parameters()], net[1].weight.detach().clone()
+    gate_before, lin_before = net[0].w.detach().clone(), net[1].weight.detach().clone()
     x = torch.randn(5, 3)
     opt.step(lambda: net(x).square().flatten(1).mean(1))
-    assert all(torch.equal(p, p0) for p, p0 in zip(net[0].parameters(), bn_before))
+    assert torch.equal(net[0].w, gate_before)  # never perturbed or updated
     assert not torch.equal(net[1].weight, lin_before)
 
 
@@ -249,7 +253,7 @@ def test_module_with_nothing_to_optimise_raises(make):
         EggrollOptimizer(make(), population_size=N)
 
 
-def test_full_population_input_while_a_chunk_is_active_raises():
+def test_chunked_population_takes_each_chunks_rows():
     torch.manual_seed(0)
     lin = nn.Linear(3, 2)
     opt = EggrollOptimizer(lin, population_size=2 * N, chunk_size=N)
@@ -258,24 +262,50 @@ def test_full_population_input_while_a_chunk_is_active_raises():
         with pytest.raises(RuntimeError, match="chunked"):
             lin(x)  # outside population.chunks()
         for members in population.chunks():
-            with pytest.raises(ValueError, match=rf"leading dim {2 * N} \(the whole population\)"):
-                lin(x)
-            assert lin(population.slice(x)).shape == (N, 5, 2)
+            out = lin(population.per_member(x))  # the chunk's rows of the whole population's input
+            torch.testing.assert_close(out, lin(population.per_member(x[members])), rtol=0, atol=0)
+            assert out.shape == (N, 5, 2) and lin(x).shape == (N, 2 * N, 5, 2)  # unmarked: shared
+            with pytest.raises(ValueError, match=rf"leading dim {2 * N} \(or {N}, this chunk\)"):
+                lin(population.per_member(x[:3]))
     with pytest.raises(ValueError, match=f"leading dim of {2 * N}"):
         population.slice(x[:N])
 
 
+def test_submodule_called_directly_during_a_population_raises():
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    opt = EggrollOptimizer(net, population_size=N, fused=False)
+    with opt.ask(), pytest.raises(RuntimeError, match="call the module given to EggrollOptimizer"):
+        net[0](torch.randn(2, 3))
+    opt.discard()
+    population = opt.ask()
+    marked = population.per_member(torch.randn(N, 3))
+    opt.discard()
+    with pytest.raises(RuntimeError, match="only read while that population is active"):
+        net(marked)
+
+
+class _Heads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 2), nn.Linear(3, 2)
+        self.use_b = False
+
+    def forward(self, x):
+        return self.a(x) + self.b(x) if self.use_b else self.a(x)
+
+
 def test_layer_that_never_ran_raises_and_nothing_is_updated():
     torch.manual_seed(0)
-    heads = nn.ModuleDict({"a": nn.Linear(3, 2), "b": nn.Linear(3, 2)})
+    heads = _Heads()
     x = torch.randn(4, 3)
     before = [p.detach().clone() for p in heads.parameters()]
     opt = EggrollOptimizer(heads, population_size=N)
     with opt.ask():
-        heads["a"](x)
+        heads(x)  # head b never runs
     with pytest.raises(RuntimeError, match=r"\['b.weight', 'b.bias'\]"):
         opt.tell(torch.randn(N))
     assert all(torch.equal(p, p0) and p.grad is None for p, p0 in zip(heads.parameters(), before))
     assert opt.step_count == 0
-    opt.step(lambda: (heads["a"](x) + heads["b"](x)).square().flatten(1).mean(1))  # ask() works again
+    heads.use_b = True
+    opt.step(lambda: heads(x).square().flatten(1).mean(1))  # ask() works again
     assert all(not torch.equal(p, p0) for p, p0 in zip(heads.parameters(), before))

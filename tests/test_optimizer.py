@@ -138,13 +138,13 @@ def test_chunked_equals_unchunked(chunk_size):
     opts = [EggrollOptimizer(m, lr=0.2, sigma=0.2, rank=2, population_size=N, seed=2, chunk_size=c)
             for m, c in zip(models, (None, chunk_size))]
     for _ in range(3):
-        with opts[0].ask():
-            full = models[0](xs)
+        with opts[0].ask() as population:
+            full = models[0](population.per_member(xs))
         population = opts[1].ask()
         parts, seen = [], []
         for members in population.chunks():
             seen.append((members.start, members.stop))
-            parts.append(models[1](population.slice(xs)))
+            parts.append(models[1](population.per_member(xs)))  # the chunk's rows
         assert seen == [(a, min(a + chunk_size, N)) for a in range(0, N, chunk_size)]
         torch.testing.assert_close(torch.cat(parts), full, rtol=0, atol=1e-12)
         opts[0].tell(-per_member_mse(full, y))

@@ -24,21 +24,38 @@ def test_param_group_given_as_a_generator_is_read_once():
         EggrollOptimizer(model, [{"params": []}], population_size=N)
 
 
-def test_parameters_the_hooks_never_perturb_are_rejected():
-    lin = nn.utils.parametrizations.weight_norm(nn.Linear(3, 2)) if hasattr(nn.utils, "parametrizations") else None
-    with pytest.raises(TypeError, match="original"):
-        EggrollOptimizer(nn.Sequential(lin), population_size=N)
+class Scaled(nn.Linear):  # a subclass with its own forward and an extra parameter
+    def __init__(self, n_in=3, n_out=2):
+        super().__init__(n_in, n_out)
+        self.scale = nn.Parameter(torch.ones(n_out))
 
-    class Scaled(nn.Linear):  # a subclass with its own forward and an extra parameter
-        def __init__(self):
-            super().__init__(3, 2)
-            self.scale = nn.Parameter(torch.ones(2))
+    def forward(self, x):
+        return super().forward(x) * self.scale
 
-        def forward(self, x):
-            return super().forward(x) * self.scale
 
-    with pytest.raises(TypeError, match=r"scale|weight"):
-        EggrollOptimizer(Scaled(), population_size=N)
+def _member_exact(model, x):
+    opt = EggrollOptimizer(model, population_size=N, sigma=0.3)
+    with opt.ask() as population:
+        out = model(x)
+    for i in range(N):
+        ref = torch.func.functional_call(model, population.member_state_dict(i), (x,))
+        torch.testing.assert_close(out[i], ref, rtol=1e-12, atol=1e-12)
+    assert (out[0] - out[1]).abs().max() > 1e-3
+    return opt
+
+
+def test_parameters_without_a_rule_get_full_rank_noise_and_big_ones_are_rejected():
+    x = torch.randn(4, 3, dtype=torch.float64)
+    # weight_norm's g and v, a subclass with its own forward: their parameters are perturbed full-rank
+    norm = nn.utils.parametrizations.weight_norm(nn.Linear(3, 2)).double()
+    opt = _member_exact(nn.Sequential(norm), x)
+    assert not opt._plan.lowrank and len(opt._plan.free) == 3  # original0, original1, bias
+    _member_exact(Scaled().double(), x)
+    with pytest.raises(TypeError, match=r"weight .*Scaled.*\(600, 500\).*fullrank_max_numel"):
+        EggrollOptimizer(Scaled(500, 600), population_size=N)
+    with pytest.warns(UserWarning, match="untouched"):
+        opt = EggrollOptimizer(Scaled(500, 600), population_size=N, unsupported="freeze")
+    assert {opt._plan.names[p] for g in opt.param_groups for p in g["params"]} == {"bias", "scale"}
 
 
 def test_tied_weight_is_perturbed_in_every_layer_that_holds_it():
@@ -49,15 +66,13 @@ def test_tied_weight_is_perturbed_in_every_layer_that_holds_it():
     opt = EggrollOptimizer(model, population_size=N, sigma=0.5)
     idx = torch.tensor([1, 2, 3])
     with opt.ask() as population:
-        hidden = emb(idx)
-        logits = head(hidden)
-    assert hidden.shape == (N, 3, 6) and logits.shape == (N, 3, 10)
+        logits = model(idx)
+    assert logits.shape == (N, 3, 10)
     A, B = population.noise.chunk_noise(0, N)[emb.weight]
     W = emb.weight.detach()
     for i in range(N):  # both uses see the same W + E_i
         E = A[i] @ B[i].T
-        torch.testing.assert_close(hidden[i], (W + E)[idx])
-        torch.testing.assert_close(logits[i], hidden[i] @ (W + E).T)
+        torch.testing.assert_close(logits[i], (W + E)[idx] @ (W + E).T)
     opt.tell(logits.sum((1, 2)))
 
 

@@ -1,0 +1,127 @@
+"""Rules for layers whose weight is one matrix: Linear, Conv, ConvTranspose, Embedding.
+
+Each ``*_forward(call, module, ...)`` computes one member's output: the layer's own op with its
+own (shared) weight, plus the low-rank term of ``E_i = A_i B_iᵀ`` computed through the factors,
+never through ``E_i``:
+
+- Linear: ``x Wᵀ + b + (x B_i) A_iᵀ``: ``O(r (in + out))`` a row.
+- Conv (``W (C_out, C_in/g, *k)`` as the matrix ``(C_out, C_in/g · prod k)``): a conv with the ``r``
+  filters of ``B_i`` (the same filters in every group) then a 1×1 grouped conv with ``A_i``:
+  ``O(r (C_in/g · prod k + C_out))`` a pixel instead of ``O(C_out · C_in/g · prod k)``.
+- ConvTranspose (``W (C_in, C_out/g, *k)`` as ``(C_in, C_out/g · prod k)``): a 1×1 grouped mix with
+  ``A_iᵀ`` down to ``r`` channels a group, then a transposed conv with the filters of ``B_i``.
+- Embedding: ``W[idx] + A_i[idx] B_iᵀ``.
+
+Under vmap an input without the member dim (a shared batch) gives one base product for all members.
+A bias with per-member noise arrives as a per-member tensor and is added after the shared product,
+so the product itself stays shared.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    "check_conv", "check_embedding", "conv_forward", "conv_transpose_forward", "embedding_forward",
+    "linear_forward", "lowrank_linear_term",
+]
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def lowrank_linear_term(x: torch.Tensor, factors) -> torch.Tensor | None:
+    """``(x B_i) A_iᵀ``: ``x (*, in)`` -> ``(*, out)``; ``None`` without factors."""
+    if factors is None:
+        return None
+    A, B = factors  # (out, r), (in, r)
+    return (x @ B.to(x.dtype)) @ A.to(x.dtype).T
+
+
+def _plus(out: torch.Tensor, term: torch.Tensor | None) -> torch.Tensor:
+    return out if term is None else out + term
+
+
+def linear_forward(call, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    out = _plus(F.linear(x, module.weight), module.bias)
+    return _plus(out, lowrank_linear_term(x, call.factors(module.weight)))
+
+
+def _channel_bias(bias: torch.Tensor | None, spatial: int) -> torch.Tensor | None:
+    return None if bias is None else bias.view(-1, *([1] * spatial))  # (C, 1, ..., 1)
+
+
+def _padded(module, x: torch.Tensor) -> tuple[torch.Tensor, object]:
+    """Apply a non-zero ``padding_mode`` as the layer does; returns ``(x, padding for the conv)``."""
+    if module.padding_mode == "zeros":
+        return x, module.padding
+    return F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode), 0
+
+
+def conv_forward(call, module, x: torch.Tensor) -> torch.Tensor:
+    spatial = module.weight.dim() - 2
+    conv = _CONV[spatial]
+    xp, padding = _padded(module, x)
+    args = dict(stride=module.stride, padding=padding, dilation=module.dilation)
+    out = conv(xp, module.weight, None, groups=module.groups, **args)
+    out = _plus(out, _channel_bias(module.bias, spatial))
+    factors = call.factors(module.weight)
+    if factors is None:
+        return out
+    A, B = factors  # (C_out, r), (C_in/g * prod k, r)
+    g, r = module.groups, B.shape[1]
+    C_out, Cg, *k = module.weight.shape
+    filters = B.to(x.dtype).T.reshape(r, Cg, *k).repeat(g, *([1] * (spatial + 1)))  # (g r, Cg, *k)
+    z = conv(xp, filters, None, groups=g, **args)  # (Bt, g r, *S_out)
+    mix = A.to(x.dtype).reshape(C_out, r, *([1] * spatial))  # output o of group j reads z[j r : j r + r]
+    return out + conv(z, mix, None, groups=g)
+
+
+def conv_transpose_forward(call, module, x: torch.Tensor, output_size=None) -> torch.Tensor:
+    spatial = module.weight.dim() - 2
+    conv_t = _CONV_T[spatial]
+    output_padding = module._output_padding(
+        x, output_size, module.stride, module.padding, module.kernel_size, spatial, module.dilation
+    )
+    args = dict(stride=module.stride, padding=module.padding, output_padding=output_padding,
+                dilation=module.dilation)
+    out = conv_t(x, module.weight, None, groups=module.groups, **args)
+    out = _plus(out, _channel_bias(module.bias, spatial))
+    factors = call.factors(module.weight)
+    if factors is None:
+        return out
+    A, B = factors  # (C_in, r), (C_out/g * prod k, r)
+    g, r = module.groups, B.shape[1]
+    C_in, Cg_out, *k = module.weight.shape
+    u = _group_mix(x, A.to(x.dtype), g, spatial)  # (Bt, g r, *S): group j's channels mixed by A rows
+    filters = B.to(x.dtype).T.reshape(r, Cg_out, *k).repeat(g, *([1] * (spatial + 1)))  # (g r, C_out/g, *k)
+    return out + conv_t(u, filters, None, groups=g, **args)
+
+
+def _group_mix(x: torch.Tensor, A: torch.Tensor, groups: int, spatial: int) -> torch.Tensor:
+    """``u[j r + s] = Σ_{c in group j} A[c, s] x[c]``: a 1×1 grouped conv, ``(Bt, C_in, *S) -> (Bt, g r, *S)``."""
+    C_in, r = A.shape
+    weight = A.view(groups, C_in // groups, r).transpose(1, 2).reshape(groups * r, C_in // groups, *([1] * spatial))
+    return _CONV[spatial](x, weight, None, groups=groups)
+
+
+def embedding_forward(call, module: nn.Embedding, idx: torch.Tensor) -> torch.Tensor:
+    out = F.embedding(idx, module.weight, module.padding_idx, None, module.norm_type,
+                      module.scale_grad_by_freq, module.sparse)
+    factors = call.factors(module.weight)
+    if factors is None:
+        return out
+    A, B = factors  # (num_embeddings, r) with the padding row zero, (dim, r)
+    return out + F.embedding(idx, A.to(out.dtype)) @ B.to(out.dtype).T
+
+
+def check_conv(module) -> None:
+    if getattr(module, "padding_mode", "zeros") != "zeros" and isinstance(module, nn.modules.conv._ConvTransposeNd):
+        raise TypeError(f"{module}: padding_mode={module.padding_mode!r} (only 'zeros' for transposed convs)")
+
+
+def check_embedding(module: nn.Embedding) -> None:
+    if module.max_norm is not None or module.sparse:
+        raise TypeError(f"{module}: max_norm and sparse embeddings are not supported (max_norm renormalises "
+                        "the weight in place during the forward)")

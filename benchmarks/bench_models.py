@@ -82,7 +82,20 @@ def _inference_flops(model, infer, x_all) -> float:
     return flops
 
 
-def measure(name, case, device, budget) -> dict:
+def _profile(name, step, device) -> None:
+    """The step's top kernels by device time (``--profile``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if common.is_cuda(device) else [])
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+        common.sync(device)
+    key = "self_cuda_time_total" if common.is_cuda(device) else "self_cpu_time_total"
+    print(f"## {name}: 3 steps\n" + prof.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=60))
+
+
+def measure(name, case, device, budget, profile=False) -> dict:
     model, N, x, y, per_member = case
     model = model.to(device)
     B = x.shape[1] if per_member else x.shape[0]
@@ -102,6 +115,8 @@ def measure(name, case, device, budget) -> dict:
     t_inf = common.bench(infer, device, budget_s=budget)["median_ms"]
     mem_step = common.peak_memory(step, device)["peak_gb"]
     mem_inf = common.peak_memory(infer, device)["peak_gb"]
+    if profile:
+        _profile(name, step, device)
     return {"model": name, "N": N, "B": B, "step_ms": t_step, "inference_ms": t_inf, "ratio": t_step / t_inf,
             "floor": floor, "step_gb": mem_step, "inference_gb": mem_inf,
             "mem_ratio": None if mem_step is None else mem_step / max(mem_inf, 1e-9)}
@@ -110,6 +125,7 @@ def measure(name, case, device, budget) -> dict:
 def main(argv=None):
     p = common.make_parser(__doc__.splitlines()[0])
     p.add_argument("--models", default="mlp,cnn,resnet18,lm,lstm")
+    p.add_argument("--profile", action="store_true", help="print each step's top kernels")
     args = common.parse(p, argv)
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -119,7 +135,7 @@ def main(argv=None):
     for name in args.models.split(","):
         if name not in cases:
             raise SystemExit(f"unknown model {name!r}; expected some of {sorted(cases)}")
-        common.guard(name, lambda: rows.append(measure(name, cases[name], device, args.budget or 1.0)), failures)
+        common.guard(name, lambda: rows.append(measure(name, cases[name], device, args.budget or 1.0, args.profile)), failures)
         common.free(device)
     m = common.meta(args)
     print(f"# {m['card']} | torch {m['torch']} | {m['date']} | {m['command']}")

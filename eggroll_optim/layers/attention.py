@@ -97,10 +97,14 @@ def _mask(attn_mask, key_padding_mask, batch, heads, L, S, is_causal, dtype, dev
     return mask
 
 
-def _attend(q, k, v, mask, dropout: float, need_weights: bool):
-    """``softmax(q kᵀ / sqrt(d) + mask) v`` on ``(batch, heads, L, d)``; returns ``(out, weights)``."""
-    if q.is_cuda and not need_weights:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout), None
+def _attend(q, k, v, mask, dropout: float, need_weights: bool, causal: bool):
+    """``softmax(q kᵀ / sqrt(d) + mask) v`` on ``(batch, heads, L, d)``; returns ``(out, weights)``.
+
+    ``causal``: the mask is the causal one (the layer's ``is_causal`` hint, as torch's MHA reads it):
+    SDPA then applies it itself. Other masks use the matmul path (SDPA's batching rule rejects a
+    mask without the member dim)."""
+    if q.is_cuda and not need_weights and (mask is None or causal):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal), None
     scores = (q / math.sqrt(q.shape[-1])) @ k.transpose(-2, -1)
     if mask is not None:
         scores = scores + mask
@@ -124,10 +128,11 @@ def mha_forward(call, m: nn.MultiheadAttention, query, key, value, key_padding_m
     heads, d = m.num_heads, m.head_dim
     k, v, attn_mask, key_padding_mask = _extend(m, k, v, attn_mask, key_padding_mask, batch)
     S = k.shape[0]
+    causal = is_causal and key_padding_mask is None and L == S and m.bias_k is None and not m.add_zero_attn
     mask = _mask(attn_mask, key_padding_mask, batch, heads, L, S, is_causal, q.dtype, q.device)
     split = lambda t: t.reshape(t.shape[0], batch, heads, d).permute(1, 2, 0, 3)  # (B, H, len, d)
     dropout = m.dropout if m.training else 0.0
-    out, weights = _attend(split(q), split(k), split(v), mask, dropout, need_weights)
+    out, weights = _attend(split(q), split(k), split(v), mask, dropout, need_weights, causal)
     merged = out.permute(2, 0, 1, 3).reshape(L, batch, E)  # (L, B, E)
     out = _project(merged, m.out_proj.weight, m.out_proj.bias, (call.factors(m.out_proj.weight), slice(None)))
     if weights is not None and average_attn_weights:

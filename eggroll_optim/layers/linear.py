@@ -74,8 +74,7 @@ def conv_forward(call, module, x: torch.Tensor) -> torch.Tensor:
     C_out, Cg, *k = module.weight.shape
     filters = B.to(x.dtype).T.reshape(r, Cg, *k).repeat(g, *([1] * (spatial + 1)))  # (g r, Cg, *k)
     z = conv(xp, filters, None, groups=g, **args)  # (Bt, g r, *S_out)
-    mix = A.to(x.dtype).reshape(C_out, r, *([1] * spatial))  # output o of group j reads z[j r : j r + r]
-    return out + conv(z, mix, None, groups=g)
+    return out + _channel_mix(z, A.to(x.dtype), g, spatial)  # output o of group j reads z[j r : j r + r]
 
 
 def conv_transpose_forward(call, module, x: torch.Tensor, output_size=None) -> torch.Tensor:
@@ -99,11 +98,30 @@ def conv_transpose_forward(call, module, x: torch.Tensor, output_size=None) -> t
     return out + conv_t(u, filters, None, groups=g, **args)
 
 
+def _grouped_1x1(z: torch.Tensor, W: torch.Tensor, spatial: int) -> torch.Tensor:
+    """A 1×1 grouped conv as one GEMM per group: ``z (*, g k, *S)``, ``W (g, c, k)`` -> ``(*, g c, *S)``.
+
+    The batch and pixels become the GEMM's columns (under vmap, one ``bmm`` over members); a 1×1 conv
+    with per-member weights would be a conv of ``n·g`` tiny groups, and a per-pixel product a GEMV."""
+    g, c, k = W.shape
+    unbatched = z.dim() == spatial + 1
+    z = z.unsqueeze(0) if unbatched else z  # (Bt, g k, *S)
+    Bt, S = z.shape[0], z.shape[2:]
+    cols = z.reshape(Bt, g, k, -1).permute(1, 2, 0, 3).reshape(g, k, -1)  # (g, k, Bt P)
+    out = (W @ cols).view(g * c, Bt, *S).movedim(0, 1)  # (Bt, g c, *S)
+    return out.squeeze(0) if unbatched else out
+
+
+def _channel_mix(z: torch.Tensor, A: torch.Tensor, groups: int, spatial: int) -> torch.Tensor:
+    """``out[j c + o] = Σ_s A[j c + o, s] z[j r + s]`` per group ``j``: ``(*, g r, *S) -> (*, C, *S)``."""
+    C, r = A.shape
+    return _grouped_1x1(z, A.view(groups, C // groups, r), spatial)
+
+
 def _group_mix(x: torch.Tensor, A: torch.Tensor, groups: int, spatial: int) -> torch.Tensor:
-    """``u[j r + s] = Σ_{c in group j} A[c, s] x[c]``: a 1×1 grouped conv, ``(Bt, C_in, *S) -> (Bt, g r, *S)``."""
+    """``u[j r + s] = Σ_{c in group j} A[c, s] x[c]``: ``(*, C_in, *S) -> (*, g r, *S)``."""
     C_in, r = A.shape
-    weight = A.view(groups, C_in // groups, r).transpose(1, 2).reshape(groups * r, C_in // groups, *([1] * spatial))
-    return _CONV[spatial](x, weight, None, groups=groups)
+    return _grouped_1x1(x, A.view(groups, C_in // groups, r).transpose(1, 2), spatial)
 
 
 def embedding_forward(call, module: nn.Embedding, idx: torch.Tensor) -> torch.Tensor:

@@ -1,26 +1,39 @@
 """``python -m eggroll_optim.recipes --experiment cartpole`` (also the ``eggroll`` console script).
 
 Experiments: ``cartpole``, ``mnist`` (= ``mnist_mlp``), ``mnist_mlp``, ``mnist_cnn``, ``hyperscale``
-and ``all`` (the four in turn). Each run writes into ``--out`` (default ``runs/<experiment>``;
-with ``all``, ``<out>/<experiment>``): ``metrics.jsonl``, ``summary.json``, ``learning_curve.png``
-and ``checkpoint.pt``; ``--resume`` continues from that checkpoint with its saved configuration
-(``--max-epochs``, ``--device``, ``--data-dir``, ``--chunk-size`` and the logging intervals may
-change on resume; other flags are ignored with a warning). ``--quick`` is a tiny configuration
-for smoke tests.
+and ``all`` (the four in turn, each into ``<out>/<experiment>``, then a table of their statuses and
+``<out>/summary.json``; exit 1 if any failed). Each run writes into ``--out`` (default
+``runs/<experiment>``): ``metrics.jsonl``, ``summary.json``, ``learning_curve.png`` and
+``checkpoint.pt``. A folder that already holds a run is never replaced: ``--resume`` continues it
+from its checkpoint with its saved configuration (``--max-epochs``, ``--device``, ``--data-dir``,
+``--chunk-size`` and the logging/checkpoint intervals may change; other flags are ignored with a
+warning), ``--fresh`` starts a new run in the first free ``<out>-2``, ``<out>-3``...
+
+Exit status: 0 done; 2 bad input (a flag, a folder, a data file, a checkpoint), reported as one
+line ``eggroll: error: ...`` before anything is written (``--debug`` adds the traceback); 130
+stopped by Ctrl-C or SIGTERM (the checkpoint and a summary with status ``"interrupted"`` are
+saved first); 1 for ``all`` when an experiment failed. ``--quick`` is a tiny configuration for
+smoke tests.
 """
 from __future__ import annotations
 
 import argparse
+import sys
+import traceback
 import warnings
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from ..core import default_device
 from . import cartpole, hyperscale, mnist
 from .checkpoint import load_checkpoint
-from .runner import CHECKPOINT
+from .checks import check_config, check_device, parse_populations
+from .errors import InputError
+from .outdir import choose_out, held_run
+from .runner import CHECKPOINT, Interrupted
+from .suite import check_suite_out, run_all
 
-__all__ = ["EXPERIMENTS", "build_parser", "make_config", "main"]
+__all__ = ["EXPERIMENTS", "Plan", "build_parser", "make_config", "main", "prepare"]
 
 # name: (config class, experiment defaults, --quick overrides, run function)
 EXPERIMENTS = {
@@ -31,46 +44,58 @@ EXPERIMENTS = {
 }
 ALIASES = {"mnist": ["mnist_mlp"], "all": ["cartpole", "mnist_mlp", "mnist_cnn", "hyperscale"]}
 # flags that may differ from the checkpoint's configuration on --resume
-RESUMABLE = {"device", "max_epochs", "data_dir", "chunk_size", "log_every", "eval_every", "checkpoint_every"}
+RESUMABLE = {"device", "max_epochs", "data_dir", "chunk_size", "log_every", "eval_every", "checkpoint_every",
+             "checkpoint_seconds"}
+_CLI_ONLY = {"experiment", "out", "resume", "fresh", "quick", "no_progress", "debug"}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """One line, no usage block: ``eggroll: error: ...``, exit 2."""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _populations(text: str) -> list[int]:
-    return [int(_size(part)) for part in text.split(",") if part.strip()]
-
-
-def _size(part: str) -> int:
-    """``"4096"`` or ``"2^12"`` -> 4096."""
-    base, _, exponent = part.strip().partition("^")
-    return int(base) ** int(exponent) if exponent else int(base)
+    try:
+        return parse_populations(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="eggroll", description="EGGROLL recipes: ES with low-rank perturbations.")
+    p = _Parser(prog="eggroll", description="EGGROLL recipes: ES with low-rank perturbations.")
     p.add_argument("--experiment", default="cartpole", choices=[*EXPERIMENTS, *ALIASES])
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda when available)")
     p.add_argument("--seed", type=int)
-    p.add_argument("--population-size", type=int, help="N (even)")
+    p.add_argument("--population-size", type=int, metavar="N", help="population size (even)")
     p.add_argument("--rank", type=int)
     p.add_argument("--sigma", type=float)
     p.add_argument("--lr", type=float)
-    p.add_argument("--lr-decay", type=float)
-    p.add_argument("--sigma-decay", type=float)
+    p.add_argument("--lr-decay", type=float, metavar="GAMMA", help="ExponentialLR factor per step, in (0, 1]")
+    p.add_argument("--sigma-decay", type=float, metavar="GAMMA", help="sigma factor per step, in (0, 1]")
     p.add_argument("--optimizer", choices=["sgd", "adam"], help="inner torch.optim optimizer (sgd = the seed's update)")
-    p.add_argument("--max-epochs", type=int, help="ES steps (hyperscale: timed steps per size)")
-    p.add_argument("--chunk-size", type=int, help="evaluate the population in chunks of this many (default: automatic)")
-    p.add_argument("--batch-size", type=int, help="MNIST minibatch per ES step")
-    p.add_argument("--train-subset", type=int, help="MNIST: train on the first n training images")
-    p.add_argument("--data-dir", help="MNIST root (default: $EGGROLL_DATA_DIR, else ./data)")
+    p.add_argument("--max-epochs", type=int, metavar="STEPS", help="ES steps (hyperscale: timed steps per size)")
+    p.add_argument("--chunk-size", type=int, metavar="N", help="evaluate the population in chunks of N (even)")
+    p.add_argument("--batch-size", type=int, metavar="B", help="MNIST minibatch per ES step")
+    p.add_argument("--train-subset", type=int, metavar="N", help="MNIST: train on the first N training images")
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="MNIST root, never downloaded into (default: $EGGROLL_DATA_DIR, else ./data, downloaded)")
     p.add_argument("--env-backend", choices=["gymnasium", "torch"],
                    help="cartpole: gymnasium's vector env (CPU, the default) or the torch env on --device")
-    p.add_argument("--populations", type=_populations, help="hyperscale: comma-separated sizes, e.g. 1024,2^14")
-    p.add_argument("--log-every", type=int, help="flush metrics (one host sync) every n steps")
-    p.add_argument("--eval-every", type=int)
-    p.add_argument("--checkpoint-every", type=int)
-    p.add_argument("--out", type=Path, help="output folder (default: runs/<experiment>)")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    p.add_argument("--populations", type=_populations, metavar="SIZES",
+                   help="hyperscale: comma-separated even sizes, e.g. 1024,2^14")
+    p.add_argument("--log-every", type=int, metavar="STEPS", help="flush metrics (one host sync) every STEPS steps")
+    p.add_argument("--eval-every", type=int, metavar="STEPS")
+    p.add_argument("--checkpoint-every", type=int, metavar="STEPS")
+    p.add_argument("--checkpoint-seconds", type=float, metavar="S",
+                   help="also checkpoint after a step that ends S seconds or more after the last save (default 60)")
+    p.add_argument("--out", type=Path, metavar="DIR", help="output folder (default: runs/<experiment>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--fresh", action="store_true",
+                   help="if --out holds a run, start a new one in the first free <out>-2, <out>-3...")
     p.add_argument("--quick", action="store_true", help="a tiny configuration (smoke tests)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
 
 
@@ -81,20 +106,61 @@ def _given(args: argparse.Namespace, cls) -> dict:
 
 
 def make_config(name: str, args: argparse.Namespace, saved: dict | None = None):
-    """Experiment defaults <- ``--quick`` <- command line; on resume, the saved config <- resumable flags."""
+    """Experiment defaults <- ``--quick`` <- command line; on resume, the saved config <- resumable
+    flags. The device and every range are checked (:class:`InputError`)."""
     cls, defaults, quick, _ = EXPERIMENTS[name]
     given = _given(args, cls)
-    device = given.pop("device", None) or str(default_device())
+    device = str(check_device(given.pop("device"))) if "device" in given else str(default_device())
     if saved is None:
-        return cls(**{**defaults, **(quick if args.quick else {}), **given, "device": device})
-    cfg = cls(**{**saved, "device": device})
-    ignored = {k: v for k, v in given.items() if k not in RESUMABLE and v != saved.get(k)}
-    if ignored:
-        warnings.warn(f"--resume keeps the checkpoint's configuration; ignoring {ignored}", stacklevel=2)
-    return replace(cfg, **{k: v for k, v in given.items() if k in RESUMABLE})
+        cfg = cls(**{**defaults, **(quick if args.quick else {}), **given, "device": device})
+    else:
+        unknown = sorted(set(saved) - {f.name for f in fields(cls)})
+        if unknown:
+            raise InputError(f"the checkpoint's configuration has fields {unknown} that {name} does not know")
+        ignored = {k: v for k, v in given.items() if k not in RESUMABLE and v != saved.get(k)}
+        if ignored:
+            warnings.warn(f"--resume keeps the checkpoint's configuration; ignoring {ignored}", stacklevel=2)
+        cfg = replace(cls(**{**saved, "device": device}), **{k: v for k, v in given.items() if k in RESUMABLE})
+    check_config(cfg)
+    return cfg
 
 
-_CLI_ONLY = {"experiment", "out", "resume", "quick", "no_progress"}
+@dataclass
+class Plan:
+    """One experiment, checked and ready to run: where, with what, from which checkpoint."""
+
+    name: str
+    out: Path
+    cfg: object = None
+    checkpoint: dict | None = None
+    kept: bool = False  # hyperscale --resume over its own result: nothing to run
+
+
+def prepare(name: str, args: argparse.Namespace, out: Path) -> Plan:
+    """Check everything about one experiment's run before any file is written."""
+    if name == "hyperscale" and args.resume:  # a benchmark has no checkpoint: keep its result, or measure
+        held = held_run(out) if out.is_dir() else None
+        if held and held["experiment"] not in ("hyperscale", None):
+            raise InputError(f"{out} holds a {held['experiment']} run, not hyperscale: choose another --out")
+        if held:
+            return Plan(name, out, kept=True)
+    out = choose_out(out, resume=args.resume and name != "hyperscale", fresh=args.fresh)
+    saved = None
+    if args.resume and name != "hyperscale":
+        saved = load_checkpoint(out / CHECKPOINT, map_location="cpu", experiment=name)
+    cfg = make_config(name, args, None if saved is None else saved["config"])
+    if saved is not None and cfg.max_epochs < saved["step"]:
+        raise InputError(f"--max-epochs {cfg.max_epochs}: the checkpoint in {out} is at step {saved['step']} "
+                         f"(expected >= {saved['step']})")
+    return Plan(name, out, cfg, saved)
+
+
+def run_plan(plan: Plan, args: argparse.Namespace) -> dict:
+    if plan.kept:
+        print(f"hyperscale: a benchmark has no checkpoint; keeping the result in {plan.out} (--fresh measures again)")
+        return {"experiment": "hyperscale", "status": "kept"}
+    print(f"{plan.name}: {asdict(plan.cfg)} -> {plan.out}")
+    return EXPERIMENTS[plan.name][3](plan.cfg, plan.out, plan.checkpoint, progress=not args.no_progress)
 
 
 def _warn_unused(name: str, args: argparse.Namespace) -> None:
@@ -104,29 +170,40 @@ def _warn_unused(name: str, args: argparse.Namespace) -> None:
         warnings.warn(f"{name} has no use for {['--' + k.replace('_', '-') for k in unused]}", stacklevel=2)
 
 
-def run_experiment(name: str, args: argparse.Namespace, out: Path) -> dict:
-    _, _, _, run = EXPERIMENTS[name]
-    saved = None
-    if args.resume and name != "hyperscale":
-        saved = load_checkpoint(out / CHECKPOINT, map_location="cpu")
-    elif args.resume:
-        print("hyperscale: a benchmark has no checkpoint; --resume ignored")
-    cfg = make_config(name, args, None if saved is None else saved["config"])
-    print(f"{name}: {asdict(cfg)} -> {out}")
-    return run(cfg, out, saved, progress=not args.no_progress)
+def error_exit(error: BaseException, debug: bool) -> int:
+    """Print ``eggroll: error: <one line>`` (after the traceback with ``--debug``); returns 2."""
+    if debug:
+        traceback.print_exception(error)
+    print(f"eggroll: error: {' '.join(str(error).split())}", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     names = ALIASES.get(args.experiment, [args.experiment])
-    for name in names:
-        if len(names) == 1:
-            _warn_unused(name, args)
-        if args.out is None:
-            out = Path("runs") / name
-        else:
-            out = args.out / name if len(names) > 1 else args.out
-        run_experiment(name, args, out)
+    root = args.out if args.out is not None else Path("runs")
+    try:
+        if args.fresh and args.resume:
+            raise InputError("--fresh starts a new run and --resume continues one: give one of them")
+        if len(names) > 1:
+            check_suite_out(root)
+        plans = [prepare(name, args, root / name if len(names) > 1 or args.out is None else args.out)
+                 for name in names]
+    except InputError as e:
+        return error_exit(e, args.debug)
+    if len(plans) > 1:
+        return run_all(plans, lambda plan: run_plan(plan, args), root, args.debug)
+    _warn_unused(names[0], args)
+    try:
+        run_plan(plans[0], args)
+    except InputError as e:
+        return error_exit(e, args.debug)
+    except Interrupted as e:
+        print(f"eggroll: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("eggroll: interrupted (the last checkpoint, if any, is as it was)", file=sys.stderr)
+        return 130
     return 0
 
 

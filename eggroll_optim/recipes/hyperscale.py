@@ -30,7 +30,8 @@ from .cartpole import make_policy
 from .checkpoint import atomic_write_text
 from .envs import TorchCartPole, rollout_returns
 from .mnist import auto_chunk_size, make_mlp
-from .runner import environment
+from .errors import InputError
+from .outputs import environment
 
 __all__ = ["HyperscaleConfig", "QUICK", "run"]
 
@@ -72,7 +73,7 @@ def _cartpole_step(cfg: HyperscaleConfig, N: int, chunk: int | None, device: tor
             if n not in envs:
                 envs[n] = TorchCartPole(n, device=device)
             env = envs[n]
-            r, _ = rollout_returns(lambda obs: policy(obs).argmax(-1), env, cfg.horizon,
+            r, _ = rollout_returns(lambda obs: policy(population.per_member(obs)).argmax(-1), env, cfg.horizon,
                                    seed=cfg.seed + members.start, check_every=None, paired=True)
             returns.append(r)
         opt.tell(torch.cat(returns))
@@ -165,10 +166,10 @@ def markdown_table(rows: list[dict]) -> str:
 def run(cfg: HyperscaleConfig, out: Path, checkpoint=None, progress: bool = True) -> dict:
     """Sweep both workloads over ``cfg.populations``; print and save the table into ``out``."""
     device, out = torch.device(cfg.device), Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     populations = cfg.populations or default_populations(device)
     if any(N < 2 or N % 2 for N in populations):
-        raise ValueError(f"Invalid populations: {populations} (expected even sizes >= 2)")
+        raise InputError(f"--populations {populations}: expected even sizes >= 2")
+    out.mkdir(parents=True, exist_ok=True)
     rows = []
     for workload in WORKLOADS:
         for N in populations:
@@ -177,7 +178,7 @@ def run(cfg: HyperscaleConfig, out: Path, checkpoint=None, progress: bool = True
                 seconds = _fmt(rows[-1].get("step_s"))
                 print(f"hyperscale: {workload} N={N} (2^{math.log2(N):.3g}): {seconds} s/step", flush=True)
     env = environment(cfg.device)
-    result = {"experiment": "hyperscale", "config": asdict(cfg) | {"populations": populations},
+    result = {"experiment": "hyperscale", "status": "completed", "config": asdict(cfg) | {"populations": populations},
               "environment": env, "rows": rows}
     atomic_write_text(json.dumps(result, indent=2) + "\n", out / "summary.json")
     memory_note = ("peak memory: torch.cuda.max_memory_allocated over the timed steps" if device.type == "cuda"

@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from ..losses import per_member_cross_entropy
 from .data import load_mnist_2d, load_mnist_flat
+from .errors import InputError
 from .runner import RunConfig, Task, make_optimizer, train
 
 __all__ = ["CNN", "MLP", "MnistConfig", "MnistTask", "QUICK", "auto_chunk_size", "make_cnn", "make_mlp", "run"]
@@ -98,6 +99,7 @@ def _step_generator(seed: int, step: int) -> torch.Generator:
 
 class MnistTask(Task):
     metric_name = "train_loss"
+    labels = {"metric": "train loss (cross-entropy, nats)", "test_acc": "test accuracy (%)"}
 
     def __init__(self, cfg: MnistConfig):
         if cfg.model not in _ACTIVATION:
@@ -105,6 +107,8 @@ class MnistTask(Task):
         self.name, self.cfg, self.device = f"mnist_{cfg.model}", cfg, torch.device(cfg.device)
         load = load_mnist_flat if cfg.model == "mlp" else load_mnist_2d
         self.train_x, self.train_y, self.test_x, self.test_y = load(data_root=cfg.data_dir, device=self.device)
+        if cfg.train_subset and cfg.train_subset > len(self.train_y):
+            raise InputError(f"--train-subset {cfg.train_subset}: the training set has {len(self.train_y)} images")
         if cfg.train_subset:
             self.train_x, self.train_y = self.train_x[:cfg.train_subset], self.train_y[:cfg.train_subset]
         if cfg.chunk_size is None:  # resolved here, so the summary and checkpoint show it

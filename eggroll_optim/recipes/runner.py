@@ -6,8 +6,15 @@ runs it for ``config.max_epochs`` steps into an output folder:
 - ``metrics.jsonl``: one line per step, ``{"step", "time", "metric", "lr", "sigma", ...}``;
   ``time`` is seconds since the run started (a resumed run continues the clock);
 - ``checkpoint.pt``: model, optimizer, scheduler, step, config, RNG state, written atomically
-  every ``checkpoint_every`` steps and at the end; ``train(..., checkpoint=ckpt)`` continues it;
-- ``summary.json`` and ``learning_curve.png`` (or a note when matplotlib is missing).
+  every ``checkpoint_every`` steps, after any step that ends ``checkpoint_seconds`` or more
+  after the last save, at the end, and on SIGINT/SIGTERM; ``train(..., checkpoint=ckpt)``
+  continues it exactly;
+- ``summary.json`` (``status``: ``completed``, ``solved`` or ``interrupted``) and
+  ``learning_curve.png`` (or a note when matplotlib is missing).
+
+SIGINT (Ctrl-C) or SIGTERM stops the run after the step in progress: it saves the checkpoint,
+writes the summary with status ``"interrupted"`` and raises :class:`Interrupted`. A second
+signal stops at once (``KeyboardInterrupt``; the last checkpoint stays as it was).
 
 Host syncs: a step's values stay on the device until a flush (every ``log_every`` steps, an
 evaluation or a checkpoint), which turns all pending values into floats with one ``tolist()``.
@@ -16,18 +23,21 @@ may run ahead of the device between flushes).
 """
 from __future__ import annotations
 
-import json
-import platform
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from .. import EggrollOptimizer
-from .checkpoint import atomic_write_text, capture_rng_state, restore_rng_state, save_checkpoint
+from .checkpoint import FORMAT, capture_rng_state, restore_rng_state, save_checkpoint
+from .errors import InputError
+from .outputs import (BOOKKEEPING, METRICS, MetricsLog, environment, flush, peak_memory_gb, plot_learning_curve,
+                      write_summary)
+from .stopping import Interrupted, stop_requests
 
-__all__ = ["CHECKPOINT", "RunConfig", "Task", "make_optimizer", "train"]
+__all__ = ["CHECKPOINT", "Interrupted", "RunConfig", "Task", "make_optimizer", "train"]
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -50,6 +60,7 @@ class RunConfig:
     log_every: int = 1
     eval_every: int = 10
     checkpoint_every: int = 25
+    checkpoint_seconds: float = 60.0  # also save after a step that ends this long after the last save
 
 
 class Task:
@@ -57,6 +68,7 @@ class Task:
 
     name = "task"
     metric_name = "metric"
+    labels: dict = {}  # plot axis labels with units: {"metric": ..., evaluation column: ...}
     model: torch.nn.Module
     optimizer: EggrollOptimizer
     scheduler = None
@@ -77,6 +89,8 @@ class Task:
         """Evaluation written into ``summary.json`` at the end."""
         return self.evaluate()
 
+    per_member_input = False  # warmup_input is one input per member (population.per_member)
+
     def warmup_input(self) -> torch.Tensor | None:
         """An input shaped like a step's (shared, or per member ``(N, ...)``), for ``warmup``."""
         return None
@@ -91,8 +105,7 @@ class Task:
         t0 = time.perf_counter()
         with self.optimizer.ask() as population:
             for _ in population.chunks():
-                per_member = x.dim() > 1 and x.shape[0] == population.size and population.chunked
-                self.model(population.slice(x) if per_member else x)
+                self.model(population.per_member(x) if self.per_member_input else x)
         self.optimizer.discard()
         if x.is_cuda:
             torch.cuda.synchronize(x.device)
@@ -112,15 +125,17 @@ def make_optimizer(model: torch.nn.Module, cfg: RunConfig):
     return opt, scheduler
 
 
+@contextmanager
 def _progress(total: int, initial: int, desc: str, enabled: bool):
     try:
         from tqdm.auto import tqdm
     except ImportError:  # tqdm is a recipes extra; without it, no bar
         enabled = False
-        tqdm = None
-    if not enabled:
-        return _NoBar()
-    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True) if enabled else _NoBar()
+    try:
+        yield bar
+    finally:
+        bar.close()
 
 
 class _NoBar:
@@ -129,66 +144,21 @@ class _NoBar:
     def close(self): pass
 
 
-class _MetricsLog:
-    """``metrics.jsonl``: appended on each flush; a resumed run drops lines at or past its step."""
-
-    def __init__(self, path: Path, resume_step: int | None):
-        self.path = path
-        kept = []
-        if resume_step is not None and path.is_file():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < resume_step]
-        atomic_write_text("".join(line + "\n" for line in kept), path)
-
-    def append(self, records: list[dict]) -> None:
-        with open(self.path, "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-
-    def read(self) -> list[dict]:
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
-
-
-def _flush(pending: list) -> list[dict]:
-    """Turn the pending steps' device values into records with one host sync."""
-    keys = sorted({k for *_, values in pending for k, v in values.items() if isinstance(v, torch.Tensor)})
-    stacked = [values[k].detach().float().reshape(()) for *_, values in pending for k in keys]
-    host = torch.stack(stacked).tolist() if stacked else []  # the one sync
-    records = []
-    for i, (step, elapsed, lr, sigma, values) in enumerate(pending):
-        record = {"step": step, "time": round(elapsed, 4)}
-        record.update({k: v for k, v in values.items() if not isinstance(v, torch.Tensor)})
-        record.update(zip(keys, host[i * len(keys):(i + 1) * len(keys)]))
-        record.update(lr=lr, sigma=sigma)
-        records.append(record)
-    pending.clear()
-    return records
-
-
-def _checkpoint(task: Task, cfg: RunConfig, out: Path, step: int, elapsed: float, status: str) -> None:
-    state = {
-        "format": 1, "experiment": task.name, "step": step, "elapsed": elapsed, "status": status,
-        "config": asdict(cfg), "model": task.model.state_dict(), "optimizer": task.optimizer.state_dict(),
-        "scheduler": None if task.scheduler is None else task.scheduler.state_dict(), "rng": capture_rng_state(),
-    }
-    save_checkpoint(state, out / CHECKPOINT)
-
-
 def _restore(task: Task, ckpt: dict) -> tuple[int, float, str]:
     if ckpt.get("experiment") != task.name:
-        raise ValueError(f"Checkpoint is for experiment {ckpt.get('experiment')!r}, not {task.name!r}")
+        raise InputError(f"the checkpoint is for experiment {ckpt.get('experiment')!r}, not {task.name!r}")
     task.model.load_state_dict(ckpt["model"])
     task.optimizer.load_state_dict(ckpt["optimizer"])
     if task.scheduler is not None and ckpt["scheduler"] is not None:
         task.scheduler.load_state_dict(ckpt["scheduler"])
     restore_rng_state(ckpt["rng"])
-    return int(ckpt["step"]), float(ckpt["elapsed"]), ckpt["status"]
-
-
-_BOOKKEEPING = ("step", "time", "metric", "lr", "sigma", "env_steps")
+    status = "solved" if ckpt["status"] == "solved" else "running"  # completed: may go on to a new max_epochs
+    return int(ckpt["step"]), float(ckpt["elapsed"]), status
 
 
 def _postfix(task: Task, record: dict) -> dict:
     """The progress bar's live values: the metric and any evaluation, from host floats."""
-    return {task.metric_name: record["metric"], **{k: v for k, v in record.items() if k not in _BOOKKEEPING}}
+    return {task.metric_name: record["metric"], **{k: v for k, v in record.items() if k not in BOOKKEEPING}}
 
 
 def _hyper(opt: EggrollOptimizer) -> tuple[float, float]:
@@ -196,42 +166,82 @@ def _hyper(opt: EggrollOptimizer) -> tuple[float, float]:
     return float(group["lr"]), float(group["sigma"])
 
 
+class _Run:
+    """The state of one call of :func:`train`: step, clock, pending values, last save."""
+
+    def __init__(self, task: Task, cfg: RunConfig, out: Path, log: MetricsLog, step: int, elapsed: float, bar):
+        self.task, self.cfg, self.out, self.log, self.step, self.bar = task, cfg, out, log, step, bar
+        self.t0 = time.perf_counter() - elapsed
+        self.saved_at, self.pending = time.perf_counter(), []
+
+    def clock(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def advance(self) -> str:
+        """One ES step, then flush/evaluate/save as the intervals say; returns the run's status."""
+        cfg = self.cfg
+        lr, sigma = _hyper(self.task.optimizer)
+        values = self.task.train_step(self.step)
+        self.pending.append((self.step, self.clock(), lr, sigma, values))
+        self.step += 1
+        last, evaluate = self.step == cfg.max_epochs, self.step % cfg.eval_every == 0
+        save = (last or self.step % cfg.checkpoint_every == 0
+                or time.perf_counter() - self.saved_at >= cfg.checkpoint_seconds)
+        if not (save or evaluate or self.step % cfg.log_every == 0):
+            return "running"
+        records = self.flush(evaluate or last)
+        solved = any(self.task.solved(r) for r in records)
+        status = "solved" if solved else "completed" if last else "running"
+        if save or solved:
+            self.save(status)
+        return status
+
+    def flush(self, evaluate: bool) -> list[dict]:
+        records = flush(self.pending)
+        if records and evaluate:
+            records[-1].update(self.task.evaluate())
+        self.log.append(records)
+        if records:
+            self.bar.update(len(records))
+            self.bar.set_postfix(_postfix(self.task, records[-1]), refresh=False)
+        return records
+
+    def save(self, status: str) -> None:
+        task = self.task
+        state = {
+            "format": FORMAT, "experiment": task.name, "step": self.step, "elapsed": self.clock(), "status": status,
+            "config": asdict(self.cfg), "model": task.model.state_dict(), "optimizer": task.optimizer.state_dict(),
+            "scheduler": None if task.scheduler is None else task.scheduler.state_dict(), "rng": capture_rng_state(),
+        }
+        save_checkpoint(state, self.out / CHECKPOINT)
+        self.saved_at = time.perf_counter()
+
+
 def train(task: Task, cfg: RunConfig, out: Path, checkpoint: dict | None = None, progress: bool = True) -> dict:
-    """Run ``task`` to ``cfg.max_epochs`` steps (or until solved) into ``out``; returns the summary."""
+    """Run ``task`` to ``cfg.max_epochs`` steps (or until solved) into ``out``; returns the summary.
+
+    Raises :class:`Interrupted` (after saving) when SIGINT or SIGTERM arrives.
+    """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     start, elapsed, status = _restore(task, checkpoint) if checkpoint else (0, 0.0, "running")
-    log = _MetricsLog(out / "metrics.jsonl", start if checkpoint else None)
-    bar = _progress(cfg.max_epochs, min(start, cfg.max_epochs), task.name, progress)
-    warmup_s = task.warmup()  # compilation and autotuning, reported apart from training time
-    t0, pending, step = time.perf_counter() - elapsed, [], start
-    try:
-        while step < cfg.max_epochs and status != "solved":
-            lr, sigma = _hyper(task.optimizer)
-            values = task.train_step(step)
-            pending.append((step, time.perf_counter() - t0, lr, sigma, values))
-            step += 1
-            last, evaluate = step == cfg.max_epochs, step % cfg.eval_every == 0
-            save = last or step % cfg.checkpoint_every == 0
-            if not (save or evaluate or step % cfg.log_every == 0):
-                continue
-            records = _flush(pending)
-            if evaluate or last:
-                records[-1].update(task.evaluate())
-            log.append(records)
-            bar.update(len(records))
-            bar.set_postfix(_postfix(task, records[-1]), refresh=False)
-            if any(task.solved(r) for r in records):
-                status, save = "solved", True
-            if save:
-                status = "solved" if status == "solved" else "completed" if last else "running"
-                _checkpoint(task, cfg, out, step, time.perf_counter() - t0, status)
-    finally:
-        bar.close()
-    return _finish(task, cfg, out, log, start, step, time.perf_counter() - t0, status, warmup_s)
+    out.mkdir(parents=True, exist_ok=True)
+    log = MetricsLog(out / METRICS, start if checkpoint else None)
+    with stop_requests() as stop, _progress(cfg.max_epochs, min(start, cfg.max_epochs), task.name, progress) as bar:
+        warmup_s = task.warmup()  # compilation and autotuning, reported apart from training time
+        run = _Run(task, cfg, out, log, start, elapsed, bar)
+        while run.step < cfg.max_epochs and status == "running" and not stop:
+            status = run.advance()
+        if stop and status == "running" and run.step < cfg.max_epochs:
+            status = "interrupted"
+            run.flush(evaluate=False)
+            run.save(status)
+    summary = _finish(task, cfg, out, log, start, run.step, run.clock(), status, warmup_s)
+    if status == "interrupted":
+        raise Interrupted(task.name, stop[0], run.step, out)
+    return summary
 
 
-def _finish(task: Task, cfg: RunConfig, out: Path, log: _MetricsLog, start: int, step: int,
+def _finish(task: Task, cfg: RunConfig, out: Path, log: MetricsLog, start: int, step: int,
             elapsed: float, status: str, warmup_s: float = 0.0) -> dict:
     records = log.read()
     metrics = [r["metric"] for r in records]
@@ -240,52 +250,11 @@ def _finish(task: Task, cfg: RunConfig, out: Path, log: _MetricsLog, start: int,
         "experiment": task.name, "status": "completed" if status == "running" else status,
         "steps": step, "solved_at_step": solved_at, "resumed_from_step": start or None, "metric_name": task.metric_name,
         "final_metric": metrics[-1] if metrics else None, "train_time_s": round(elapsed, 3),
-        "warmup_s": round(warmup_s, 3),
-        "peak_memory_gb": _peak_memory_gb(cfg.device),
-        **task.final_evaluation(),
-        "plot": plot_learning_curve(records, task.metric_name, out / "learning_curve.png"),
+        "warmup_s": round(warmup_s, 3), "peak_memory_gb": peak_memory_gb(cfg.device),
+        **({} if status == "interrupted" else task.final_evaluation()),
+        "plot": plot_learning_curve(records, {"metric": task.metric_name, **task.labels}, out / "learning_curve.png",
+                                    f"{task.name} ({status if status != 'running' else 'completed'})"),
         "config": asdict(cfg), "environment": environment(cfg.device),
     }
-    atomic_write_text(json.dumps(summary, indent=2) + "\n", out / "summary.json")
+    write_summary(out, summary)
     return summary
-
-
-def _peak_memory_gb(device: str) -> float | None:
-    """Peak CUDA memory allocated by this process (None on CPU)."""
-    device = torch.device(device)
-    return round(torch.cuda.max_memory_allocated(device) / 1e9, 3) if device.type == "cuda" else None
-
-
-def environment(device: str) -> dict:
-    """Where a result was measured: device name, torch and python versions."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
-    return {"device": str(device), "device_name": name, "torch": torch.__version__, "python": platform.python_version()}
-
-
-def plot_learning_curve(records: list[dict], metric_name: str, path: Path) -> str:
-    """Plot the metric (and any evaluation columns) against the step; returns the path or a note."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed: no learning curve (pip install matplotlib)"
-    evals = sorted({k for r in records for k in r} - set(_BOOKKEEPING))
-    fig, axes = plt.subplots(1, 1 + bool(evals), figsize=(6 + 5 * bool(evals), 4), squeeze=False)
-    axes[0][0].plot([r["step"] for r in records], [r["metric"] for r in records])
-    axes[0][0].set(xlabel="ES step", ylabel=metric_name)
-    for key in evals:
-        points = [(r["step"], r[key]) for r in records if key in r]
-        axes[0][1].plot(*zip(*points), marker="o", label=key)
-    if evals:
-        axes[0][1].set(xlabel="ES step")
-        axes[0][1].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return str(path)

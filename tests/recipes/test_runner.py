@@ -10,7 +10,8 @@ from eggroll_optim.recipes import checkpoint as ckpt_module
 from eggroll_optim.recipes.__main__ import build_parser, make_config
 from eggroll_optim.recipes.checkpoint import (
     atomic_write_text, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint)
-from eggroll_optim.recipes.runner import _flush, _MetricsLog
+from eggroll_optim.recipes.errors import InputError
+from eggroll_optim.recipes.outputs import MetricsLog as _MetricsLog, flush as _flush
 
 
 def test_checkpoint_roundtrip_loads_with_weights_only(tmp_path):
@@ -36,12 +37,12 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space"):
         save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
     assert path.read_bytes() == good
-    assert load_checkpoint(path)["step"] == 1
+    assert torch.load(path, weights_only=True)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temp file left behind
 
 
 def test_load_checkpoint_missing_file_names_the_path(tmp_path):
-    with pytest.raises(FileNotFoundError, match="checkpoint.pt"):
+    with pytest.raises(InputError, match="checkpoint.pt"):
         load_checkpoint(tmp_path / "checkpoint.pt")
 
 
@@ -99,12 +100,20 @@ def test_unknown_experiment_is_rejected():
         build_parser().parse_args(["--experiment", "pong"])
 
 
+def _record(calls, name):
+    def run(cfg, out, checkpoint, progress):
+        calls.append((name, out, cfg.max_epochs))
+        return {"experiment": name, "status": "completed"}
+    return run
+
+
 def test_all_runs_every_experiment_into_its_own_folder(tmp_path, monkeypatch):
     from eggroll_optim.recipes import __main__ as cli
 
+    monkeypatch.chdir(tmp_path)
     calls = []
     for name, (cls, defaults, quick, _) in list(cli.EXPERIMENTS.items()):
-        fake = (lambda name: lambda cfg, out, checkpoint, progress: calls.append((name, out, cfg.max_epochs)))(name)
+        fake = _record(calls, name)
         monkeypatch.setitem(cli.EXPERIMENTS, name, (cls, defaults, quick, fake))
     assert cli.main(["--experiment", "all", "--quick", "--device", "cpu", "--out", str(tmp_path)]) == 0
     names = ["cartpole", "mnist_mlp", "mnist_cnn", "hyperscale"]
@@ -115,9 +124,10 @@ def test_all_runs_every_experiment_into_its_own_folder(tmp_path, monkeypatch):
     assert calls == [("mnist_mlp", Path("runs") / "mnist_mlp", 3000)]  # the tuned default (recipes.mnist.MLP)
 
 
-def test_flags_an_experiment_cannot_use_are_reported(monkeypatch):
+def test_flags_an_experiment_cannot_use_are_reported(tmp_path, monkeypatch):
     from eggroll_optim.recipes import __main__ as cli
 
+    monkeypatch.chdir(tmp_path)
     cls, defaults, quick, _ = cli.EXPERIMENTS["mnist_mlp"]
     monkeypatch.setitem(cli.EXPERIMENTS, "mnist_mlp", (cls, defaults, quick, lambda *a, **k: None))
     with pytest.warns(UserWarning, match="--env-backend"):

@@ -120,14 +120,6 @@ def _root_forward(switch: Switch, rule, module: nn.Module, base, *args, **kwargs
     return population.run(inner, module, args, kwargs)
 
 
-def _mark_used(switch: Switch, module: nn.Module, args) -> None:
-    call = switch.call
-    if call is not None:
-        call.fired.add(module)
-    elif switch.population is not None:
-        raise _outside_error(module)
-
-
 class _Override:
     """A per-instance ``forward`` built on the one underneath (``base``: the class's, or another
     optimizer's override, which passes through while its population is inactive); ``remove()``
@@ -149,17 +141,15 @@ class _Override:
 
 
 def install(root: nn.Module, plan: Plan, switch: Switch) -> list:
-    """Override the root's and every rule layer's forward, and mark the users of free parameters.
-
-    Returns handles whose ``remove()`` undoes each change."""
+    """Override the root's and every rule layer's forward; returns handles whose ``remove()`` undoes
+    each change. (Which users of free parameters ran is recorded during the population's calls
+    only, by a global pre-hook: no hook stays on the modules, so torch's fused paths still apply
+    outside a population.)"""
     rules = dict((id(m), rule) for m, rule in plan.rules)
     handles = [_Override(root, lambda base: partial(_root_forward, switch, rules.get(id(root)), root, base))]
     for module, rule in plan.rules:
         if module is not root:
             handles.append(_Override(module, lambda base, r=rule, m=module: partial(_rule_forward, switch, r, m, base)))
-    users = {m for ms in plan.users.values() for m in ms if id(m) not in rules and m is not root}
-    for module in users:
-        handles.append(module.register_forward_pre_hook(partial(_mark_used, switch)))
     return handles
 
 
@@ -177,13 +167,27 @@ def _swapped(places: list, store: str):
 
 
 def _running_stats(root: nn.Module) -> list:
-    """``(module, name, buffer)`` of every BatchNorm/InstanceNorm that updates running statistics now."""
+    """``(module, name, buffer)`` of every BatchNorm/InstanceNorm running statistic updated now (the
+    float ones: ``num_batches_tracked`` is the same for every member and stays shared)."""
     norms = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
     return [
         (m, name, buf) for m in root.modules()
         if isinstance(m, norms) and m.training and m.track_running_stats
-        for name, buf in m.named_buffers(recurse=False) if buf is not None
+        for name, buf in m.named_buffers(recurse=False) if buf is not None and buf.is_floating_point()
     ]
+
+
+@contextlib.contextmanager
+def _recording_users(users: set, fired: set):
+    """Record which of ``users`` run (a global pre-hook, only for the population's call)."""
+    def mark(module, args):
+        if module in users:
+            fired.add(module)
+    handle = nn.modules.module.register_module_forward_pre_hook(mark)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @contextlib.contextmanager
@@ -232,13 +236,13 @@ def run_members(switch: Switch, plan: Plan, root: nn.Module, chunk, inner, args,
         return [v for v in out_leaves if isinstance(v, torch.Tensor)]
 
     chunk.fired.add(root)
-    with _no_mha_fastpath():
+    with _no_mha_fastpath(), _recording_users(plan.user_set, chunk.fired):
         tensors = vmap(one_member, randomness="different")(
             [chunk.factors[p] for p in lowrank], [chunk.values[p] for p in free], copies, inputs
         )
     with torch.no_grad():
         for (_, _, buf), c in zip(stats, copies):
-            buf.copy_(c.mean(0) if buf.is_floating_point() else c[0])
+            buf.copy_(c.mean(0))
     return _rebuild(tensors, result)
 
 

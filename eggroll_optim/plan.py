@@ -42,9 +42,17 @@ class Plan:
     users: dict = field(default_factory=dict)
     names: dict = field(default_factory=dict)
     zero_rows: dict = field(default_factory=dict)
+    _users: set | None = None
 
     def is_lowrank(self, p) -> bool:
         return p in self.lowrank
+
+    @property
+    def user_set(self) -> set:
+        """Every module whose forward shows that a free parameter was used."""
+        if self._users is None:
+            self._users = {m for ms in self.users.values() for m in ms}
+        return self._users
 
 
 def _resolve(module: nn.Module, dotted: str):

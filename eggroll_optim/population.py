@@ -173,7 +173,7 @@ class Population:
         module = self.plan.root if module is None else module
         pair = self.noise.chunk_noise(i - i % 2, i - i % 2 + 2)
         out = {}
-        for name, p in module.named_parameters(remove_duplicate=False):
+        for name, p in module.named_parameters():  # a tied parameter once: functional_call ties the rest
             value = pair.get(p)
             if value is None:
                 out[name] = p.detach().clone()

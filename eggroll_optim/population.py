@@ -71,11 +71,15 @@ class Chunk:
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         """The active members' rows of a per-member input: ``(N, ...)``, or ``(n, ...)`` for this chunk."""
-        if x.dim() >= 1 and x.shape[0] == self.population.size:
+        population, lead = self.population, (x.shape[0] if x.dim() >= 1 else None)
+        lo, hi = population.local
+        if lead == population.size:
             return x[self.start:self.stop]
-        if x.dim() >= 1 and x.shape[0] == self.size:
+        if lead == hi - lo:  # this process's share (under a process group)
+            return x[self.start - lo:self.stop - lo]
+        if lead == self.size:
             return x
-        expected = f"{self.population.size}" + (f" (or {self.size}, this chunk)" if self.population.chunked else "")
+        expected = f"{population.size}" + (f" (or {self.size}, this chunk)" if population.chunked else "")
         raise ValueError(f"per_member input must have leading dim {expected}, got shape {tuple(x.shape)}")
 
 
@@ -90,8 +94,11 @@ class Population:
     """
 
     def __init__(self, noise: PopulationNoise, population_size: int, chunk_size: int, on_abort=None,
-                 switch: Switch | None = None, plan=None):
+                 switch: Switch | None = None, plan=None, members: tuple[int, int] | None = None,
+                 gradient_members: tuple[int, int] | None = None):
         self.noise, self.size, self.chunk_size = noise, population_size, chunk_size
+        self.local = members or (0, population_size)  # the members this process evaluates
+        self.gradient_members = gradient_members or self.local  # whose noise ``gradients`` sums
         self.switch = Switch() if switch is None else switch  # what the hooks read
         self.plan = plan
         self._on_abort = on_abort  # called when a ``with`` block exits with an exception
@@ -100,15 +107,21 @@ class Population:
         self._active: Chunk | None = None
         self._closed = False
         self._set_active(None)
-        if chunk_size >= population_size:
-            self._activate(0, population_size)
+        if not self.chunked:
+            self._activate(*self.local)
+
+    @property
+    def local_size(self) -> int:
+        return self.local[1] - self.local[0]
 
     @property
     def chunked(self) -> bool:
-        return self.chunk_size < self.size
+        return self.chunk_size < self.local_size
 
-    def ranges(self) -> list[tuple[int, int]]:
-        return [(a, min(a + self.chunk_size, self.size)) for a in range(0, self.size, self.chunk_size)]
+    def ranges(self, members: tuple[int, int] | None = None) -> list[tuple[int, int]]:
+        """The chunks ``[start, stop)`` of ``members`` (default: this process's members)."""
+        lo, hi = members or self.local
+        return [(a, min(a + self.chunk_size, hi)) for a in range(lo, hi, self.chunk_size)]
 
     def _noise_for(self, start: int, stop: int) -> dict:
         if self._cache is not None and self._cache[:2] == (start, stop):
@@ -145,7 +158,7 @@ class Population:
         the chunk's rows are taken; a tensor of the chunk's size is taken as it is)."""
         if not isinstance(x, torch.Tensor) or x.dim() == 0:
             raise TypeError(f"per_member expects a tensor with a leading member dim, got {x!r}"[:200])
-        if x.shape[0] != self.size and not self.chunked:
+        if x.shape[0] not in (self.size, self.local_size) and not self.chunked:
             raise ValueError(f"per_member input must have leading dim {self.size} (the population), "
                              f"got shape {tuple(x.shape)}")
         return PerMember(x)
@@ -187,7 +200,7 @@ class Population:
     def gradients(self, shaped: torch.Tensor) -> dict:
         """``{param: Σ_i f_i noise_i}`` over every chunk (divide by ``sqrt(N)`` for the estimate)."""
         grads = {}
-        for start, stop in self.ranges():
+        for start, stop in self.ranges(self.gradient_members):
             # members 2k, 2k+1 carry +noise, -noise: sum over pairs with f_2k - f_2k+1 (half the work)
             f = shaped[start:stop:2] - shaped[start + 1:stop:2]
             for p, value in self._noise_for(start, stop).items():

@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from .core import validate_hyperparameters
 from .hooks import Switch, install
+from .inner import MIRRORED, Mirror, adopted_groups, build_inner, global_step_hooks, inner_step, run_step_hooks
 from .plan import FULLRANK_MAX_NUMEL, make_plan
 from .population import Population, PopulationNoise
 from .shaping import SHAPINGS, resolve_shaping, shape_fitness, validate_fitness
@@ -83,6 +84,9 @@ class EggrollOptimizer(torch.optim.Optimizer):
         noise_block: int | None = None,
         fullrank_max_numel: int = FULLRANK_MAX_NUMEL,
         fused: bool | None = None,
+        process_group=None,
+        distributed_strategy: str = "auto",
+        check_ranks: bool = False,
     ):
         validate_hyperparameters(population_size, rank, sigma, lr)
         if not sigma_decay > 0:
@@ -109,10 +113,14 @@ class EggrollOptimizer(torch.optim.Optimizer):
         self.shaping = resolve_shaping(fitness_shaping)
         self._plan = make_plan(module, unsupported, fullrank_max_numel, fused)
         self._param_index = {p: i for i, p in enumerate(module.parameters())}
-        if params is None:
-            params = [*self._plan.lowrank, *(self._plan.free if evolve_biases else ())]
-        super().__init__(params, dict(lr=lr, sigma=sigma, rank=rank))
-        self.inner = self._make_inner(optimizer)
+        evolved = [*self._plan.lowrank, *(self._plan.free if evolve_biases else ())]
+        if isinstance(optimizer, torch.optim.Optimizer):  # an instance: adopted with its groups and lr
+            params = adopted_groups(optimizer, params, evolved, self._plan.names)
+        super().__init__(evolved if params is None else params, dict(lr=lr, sigma=sigma, rank=rank))
+        self.inner = build_inner(optimizer, [{"params": g["params"], "lr": g["lr"]} for g in self.param_groups], lr)
+        self._mirror = Mirror(self.param_groups, self.inner)  # lr, momentum, betas: for every scheduler
+        self.defaults.update({k: v for k, v in self.inner.defaults.items() if k in ("momentum", "betas")})
+        self._group = self._make_group(process_group, distributed_strategy, check_ranks)
         self._step_count = 0
         self._population: Population | None = None
         self._switch = Switch()  # the hooks read the active chunk from here (None: inert)
@@ -138,17 +146,28 @@ class EggrollOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"Invalid {key}: {param_group[key]}")
         super().add_param_group(param_group)
         if hasattr(self, "inner"):
-            self.inner.add_param_group({"params": self.param_groups[-1]["params"], "lr": self.param_groups[-1]["lr"]})
+            group = self.param_groups[-1]
+            self.inner.add_param_group({k: v for k, v in group.items() if k in ("params", *MIRRORED)})
+            self._mirror.add()
             self._install()
 
-    def _make_inner(self, optimizer) -> torch.optim.Optimizer:
-        groups = [{"params": g["params"], "lr": g["lr"]} for g in self.param_groups]
-        if optimizer is None:
-            return torch.optim.SGD(groups, lr=self.defaults["lr"])
-        inner = optimizer(groups)
-        if not isinstance(inner, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must build a torch.optim.Optimizer, got {type(inner).__name__}")
-        return inner
+    def _make_group(self, process_group, strategy: str, check: bool):
+        """This rank's share of the population over ``process_group`` (``distributed``), or None."""
+        if process_group is None:
+            return None
+        from .distributed import PopulationGroup
+
+        group = PopulationGroup(process_group, self.population_size, strategy, check)
+        evolved = [(p, g["rank"]) for g in self.param_groups for p in g["params"]]
+        group.resolve([(p.shape[0], p[0].numel(), r) for p, r in evolved if self._plan.is_lowrank(p)],
+                      sum(p.numel() for p, _ in evolved if not self._plan.is_lowrank(p)))
+        return group
+
+    @property
+    def local_members(self) -> slice:
+        """The members this process evaluates: all of them, or its rank's share under ``process_group``."""
+        start, stop = self._group.members if self._group is not None else (0, self.population_size)
+        return slice(start, stop)
 
     def _install(self) -> None:
         self.remove_hooks()
@@ -173,9 +192,16 @@ class EggrollOptimizer(torch.optim.Optimizer):
         With ``chunk_size < population_size``, iterate ``population.chunks()``.
         """
         if self._population is not None:
-            raise RuntimeError("ask() called twice: call tell(fitness) for the pending population first")
+            raise RuntimeError(
+                "ask() called twice: a population is still pending (an ask() without tell(), e.g. after an "
+                "exception in the evaluation): call opt.tell(fitness) to finish it or opt.discard() to drop it"
+            )
+        self._mirror.sync()  # a value set on the inner optimizer shows in ours from here
+        members = self.local_members
+        everyone = self._group is None or self._group.strategy == "fitness"  # whose noise the gradient sums
         self._population = Population(
-            self._noise(), self.population_size, self.chunk_size, self._discard, self._switch, self._plan
+            self._noise(), self.population_size, self.chunk_size, self._discard, self._switch, self._plan,
+            members=(members.start, members.stop), gradient_members=(0, self.population_size) if everyone else None,
         )
         return self._population
 
@@ -202,12 +228,16 @@ class EggrollOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def tell(self, fitness: torch.Tensor) -> None:
-        """Finish the step with fitness ``(N,)`` (higher is better): shape, estimate, update."""
+        """Finish the step with fitness ``(N,)``, **higher is better** (``step``'s closure returns losses,
+        lower is better): shape, estimate ``p.grad = -g``, then the update (``_update``)."""
         population = self._population
         if population is None:
             raise RuntimeError("tell() called before ask()")
         device = next(iter(population.noise.entries))[0].device
-        validate_fitness(fitness, self.population_size, device, self.nan_policy)
+        members = self.local_members
+        validate_fitness(fitness, members.stop - members.start, device, self.nan_policy)
+        if self._group is not None:  # every rank gets the whole population's fitness
+            fitness = self._group.gather_fitness(fitness)
         shaped = self._shape(fitness)  # the NaN policy, then the shaping
         missing = [p for p in population.noise.params if not any(m in population.fired for m in self._plan.users[p])]
         if missing:
@@ -218,16 +248,32 @@ class EggrollOptimizer(torch.optim.Optimizer):
                 "their update would be pure noise. Nothing was updated; the population is discarded."
             )
         grads = population.gradients(shaped)
+        if self._group is not None and self._group.strategy == "gradient":
+            grads = self._group.sum_gradients(grads)
         for p, g in grads.items():
             p.grad = (-g / math.sqrt(self.population_size)).to(p.dtype)
-        for group, inner_group in zip(self.param_groups, self.inner.param_groups):
-            inner_group["lr"] = group["lr"]
-        self.inner.step()
-        for group in self.param_groups:
-            group["sigma"] *= self.sigma_decay
-        self._step_count += 1
-        self.discard()
-        self._opt_called = True  # lr_scheduler's check that the optimizer stepped
+        self._update(fitness)
+
+    def _update(self, fitness: torch.Tensor) -> None:
+        """The update proper, once ``p.grad`` holds the estimate: the step pre-hooks (torch's global ones,
+        then this optimizer's: they see ``p.grad``, e.g. to clip it), the inner step, sigma decay, the
+        post-hooks. Both ``step(closure)`` and ``ask``/``tell`` pass here once per update."""
+        args = (fitness,)
+        with torch.autograd.profiler.record_function(f"Optimizer.step#{type(self).__name__}.step"):
+            run_step_hooks([*global_step_hooks(pre=True), *self._optimizer_step_pre_hooks.values()], self, args, {},
+                           pre=True)
+            self._mirror.sync()  # lr/momentum/betas set by a scheduler on either side, or by a hook
+            inner_step(self.inner)
+            if self._group is not None and self._group.check:
+                self._group.check_same([p for g in self.param_groups for p in g["params"]])
+            for group in self.param_groups:
+                group["sigma"] *= self.sigma_decay
+            self._step_count += 1
+            self.discard()
+            self._opt_called = True  # lr_scheduler's check that the optimizer stepped
+            self._optimizer_step_code()
+            run_step_hooks([*self._optimizer_step_post_hooks.values(), *global_step_hooks(pre=False)], self, args, {},
+                           pre=False)
 
     def _shape(self, fitness: torch.Tensor) -> torch.Tensor:
         shaped = shape_fitness(fitness, self.nan_policy, self.shaping)
@@ -240,14 +286,19 @@ class EggrollOptimizer(torch.optim.Optimizer):
             raise ValueError("fitness_shaping returned NaN/inf (constant fitness divided by its std?); nothing was updated")
         return shaped
 
-    def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """Drop-in step: ``closure()`` returns per-member losses ``(n,)`` (lower is better).
+    def step(self, closure: Callable[[], torch.Tensor], maximize: bool = False) -> torch.Tensor:
+        """Drop-in step: ``closure()`` returns per-member losses ``(n,)``, **lower is better** (``tell``
+        takes fitness, higher is better: ``step`` tells ``-loss``). With ``maximize=True`` the closure
+        returns scores to maximise instead, as ``tell`` does.
 
-        It runs under ``torch.no_grad()`` once per chunk with the perturbations active; returns
-        the mean loss over the population (a tensor, no host sync).
+        It runs under ``torch.no_grad()`` once per chunk with the perturbations active (a closure
+        reaches the population as ``opt.population``); returns the mean of what the closure returned
+        over the population (a tensor, no host sync). The step hooks fire once, inside ``tell``.
         """
         if closure is None:
             raise RuntimeError("EggrollOptimizer.step needs a closure returning per-member losses of shape (N,)")
+        if maximize not in (True, False):
+            raise TypeError(f"maximize must be a bool, got {maximize!r}")
         population = self.ask()
         losses = []
         try:
@@ -260,11 +311,13 @@ class EggrollOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"closure must return per-member losses of shape ({expected},), got {got}")
                 losses.append(loss)
             loss = torch.cat(losses)
-            self.tell(-loss)
+            self.tell(loss if maximize else -loss)
         except BaseException:  # a bad closure or loss must not leave a population pending
             self.discard()
             raise
         return loss.mean()
+
+    step.hooked = True  # torch.optim wraps a step not so marked with the step hooks: ours fire in tell()
 
     # ----- state --------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -14,7 +14,7 @@ from .kernels.fast.zscore import fused_zscore, fused_zscore_available
 
 __all__ = [
     "SHAPINGS", "apply_nan_policy", "centered_rank", "check_fitness", "identity", "resolve_shaping", "shape_fitness",
-    "validate_fitness", "zscore",
+    "validate_fitness", "widen", "zscore",
 ]
 
 Shaping = Callable[[torch.Tensor], torch.Tensor]
@@ -114,10 +114,19 @@ def apply_nan_policy(fitness: torch.Tensor, nan_policy: str) -> torch.Tensor:
 def shape_fitness(fitness: torch.Tensor, nan_policy: str, shaping: Shaping = zscore) -> torch.Tensor:
     """``shaping(apply_nan_policy(fitness, nan_policy))`` for a fitness that ``validate_fitness`` accepted.
     The ``"skip"`` policy and the z-score fold into one launch where ``kernels.fast.zscore`` runs (the
-    same numbers: all zeros when any member is NaN/inf)."""
+    same numbers: all zeros when any member is NaN/inf).
+
+    A float16/bfloat16 fitness is shaped in float32: its variance overflows float16 for spreads above
+    ~256 (a z-score of all zeros: no update), and its ranks tie where float32 tells members apart."""
+    fitness = widen(fitness)
     if nan_policy == "skip" and shaping is zscore and fused_zscore_available(fitness):
         return fused_zscore(fitness, skip_nonfinite=True)
     return shaping(apply_nan_policy(fitness, nan_policy))
+
+
+def widen(fitness: torch.Tensor) -> torch.Tensor:
+    """A half-precision fitness as float32 (float32/float64 as they are): what the shaping reads."""
+    return fitness.float() if fitness.dtype in (torch.float16, torch.bfloat16) else fitness
 
 
 def validate_fitness(fitness, population_size: int, device: torch.device | None, nan_policy: str) -> None:

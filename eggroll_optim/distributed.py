@@ -72,6 +72,9 @@ def ring_allreduce_s(world_size: int, nbytes: float) -> float:
     return 2 * (world_size - 1) * LINK_LATENCY + 2 * nbytes * (world_size - 1) / world_size / BANDWIDTH
 
 
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.14
+
+
 @dataclass
 class PopulationGroup:
     """This rank's share of a population over ``group`` (``None``: the default group)."""
@@ -111,7 +114,7 @@ class PopulationGroup:
         padded = local.new_zeros(width)
         padded[:local.shape[0]] = local
         everyone = local.new_empty(self.world_size * width)
-        dist.all_gather_into_tensor(everyone, padded, group=self.group)
+        _all_gather(everyone, padded, group=self.group)
         rows = everyone.view(self.world_size, width)
         return torch.cat([rows[i, :stop - start] for i, (start, stop) in enumerate(self.shares)])
 

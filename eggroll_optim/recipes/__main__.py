@@ -18,14 +18,17 @@ smoke tests.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+import torch
+
 from ..core import default_device
-from . import cartpole, hyperscale, mnist
+from . import cartpole, hyperscale, launch, mnist
 from .checkpoint import load_checkpoint
 from .checks import check_config, check_device, parse_populations
 from .errors import InputError
@@ -178,6 +181,27 @@ def error_exit(error: BaseException, debug: bool) -> int:
     return 2
 
 
+def _distributed(args: argparse.Namespace, names: list[str], root: Path) -> None:
+    """Under torchrun: join the group, resume after an elastic restart, keep ranks > 0 quiet."""
+    args.device = launch.setup(args.device)
+    if launch.restarted() and not args.resume:  # a restarted worker group continues from the checkpoint
+        outs = [root / name if len(names) > 1 or args.out is None else args.out for name in names]
+        args.resume = any((out / CHECKPOINT).exists() for out in outs)
+    if not launch.is_main():
+        args.no_progress = True
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - rank 0 reports for the group
+
+
+def _rank_outs(plans: list) -> None:
+    """Every rank has checked and loaded what it needs; ranks > 0 then write into private folders."""
+    if launch.group() is None:
+        return
+    torch.distributed.barrier()
+    if not launch.is_main():
+        for plan in plans:
+            plan.out = Path(launch.private_out(plan.name))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     names = ALIASES.get(args.experiment, [args.experiment])
@@ -185,10 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.fresh and args.resume:
             raise InputError("--fresh starts a new run and --resume continues one: give one of them")
+        if launch.world_size() > 1:
+            _distributed(args, names, root)
         if len(names) > 1:
             check_suite_out(root)
         plans = [prepare(name, args, root / name if len(names) > 1 or args.out is None else args.out)
                  for name in names]
+        _rank_outs(plans)
     except InputError as e:
         return error_exit(e, args.debug)
     if len(plans) > 1:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from . import launch
 from .envs import TorchCartPole, evaluate_gymnasium, rollout_returns
 from .errors import InputError
 from .runner import RunConfig, Task, make_optimizer, train
@@ -149,7 +150,8 @@ class CartPoleTask(Task):
         self.model = make_policy(cfg.hidden).to(self.device)
         self.optimizer, self.scheduler = make_optimizer(self.model, cfg)
         gym = cfg.env_backend == "gymnasium"
-        self.rollouts = GymnasiumRollouts(cfg.population_size, self.device) if gym else TorchRollouts(self.device)
+        members = self.optimizer.local_members  # all of them, or this rank's share under torchrun
+        self.rollouts = GymnasiumRollouts(members.stop - members.start, self.device) if gym else TorchRollouts(self.device)
 
     per_member_input = True
 
@@ -162,7 +164,7 @@ class CartPoleTask(Task):
         self.optimizer.tell(returns)
         if self.scheduler is not None:
             self.scheduler.step()
-        return {"metric": returns.mean(), "env_steps": env_steps}
+        return {"metric": launch.mean_over_ranks(returns.sum(), returns.numel()), "env_steps": env_steps}
 
     def solved(self, record: dict) -> bool:
         return record["metric"] >= self.cfg.solve_threshold

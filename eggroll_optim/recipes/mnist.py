@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..losses import per_member_cross_entropy
+from . import launch
 from .data import load_mnist_2d, load_mnist_flat
 from .errors import InputError
 from .runner import RunConfig, Task, make_optimizer, train
@@ -132,7 +133,8 @@ class MnistTask(Task):
         loss = self.optimizer.step(lambda: per_member_cross_entropy(self.model(x), y))  # model(x): (n, B, 10)
         if self.scheduler is not None:
             self.scheduler.step()
-        return {"metric": loss}
+        members = self.optimizer.local_members  # under torchrun: this rank's share; the metric is everyone's
+        return {"metric": launch.mean_over_ranks(loss * (members.stop - members.start), members.stop - members.start)}
 
     @torch.no_grad()
     def evaluate(self) -> dict:

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from .. import EggrollOptimizer
+from . import launch
 from .checkpoint import FORMAT, capture_rng_state, restore_rng_state, save_checkpoint
 from .errors import InputError
 from .outputs import (BOOKKEEPING, METRICS, MetricsLog, environment, flush, peak_memory_gb, plot_learning_curve,
@@ -120,6 +121,7 @@ def make_optimizer(model: torch.nn.Module, cfg: RunConfig):
     opt = EggrollOptimizer(
         model, lr=cfg.lr, sigma=cfg.sigma, rank=cfg.rank, population_size=cfg.population_size,
         seed=cfg.seed, optimizer=inner[cfg.optimizer], sigma_decay=cfg.sigma_decay, chunk_size=cfg.chunk_size,
+        process_group=launch.group(),  # under torchrun: this rank evaluates its share of the population
     )
     scheduler = None if cfg.lr_decay == 1.0 else torch.optim.lr_scheduler.ExponentialLR(opt, cfg.lr_decay)
     return opt, scheduler

@@ -27,6 +27,7 @@ import torch.distributed as dist
 __all__ = ["BANDWIDTH", "FLOPS", "LINK_LATENCY", "PopulationGroup", "choose_strategy", "member_shares"]
 
 FLOPS = 50e12  # a GPU's sustained GEMM rate, for the strategy's cost model
+CPU_FLOPS = 50e9  # a CPU process's
 BANDWIDTH = 12.5e9  # bytes/s through one rank's link between nodes (100 Gbit/s)
 LINK_LATENCY = 5e-6  # seconds per ring step between nodes
 
@@ -44,18 +45,19 @@ def member_shares(population_size: int, world_size: int) -> list[tuple[int, int]
 
 
 def choose_strategy(lowrank_shapes: list[tuple[int, int, int]], fullrank_numel: int, population_size: int,
-                    world_size: int) -> dict:
+                    world_size: int, flops: float = FLOPS) -> dict:
     """The cheaper strategy for matrices ``(m, n, r)`` and ``fullrank_numel`` other elements.
 
     Returns ``{"strategy", "fitness_bytes", "gradient_bytes", "repeated_flops", "fitness_s",
     "gradient_s"}``: bytes through each rank per step, the FLOPs a rank repeats under
-    ``"fitness"``, and each strategy's cost on paper (``FLOPS``, ``BANDWIDTH``, ``LINK_LATENCY``)."""
+    ``"fitness"``, and each strategy's cost on paper (``flops``: ``FLOPS`` on a GPU, ``CPU_FLOPS`` on a
+    CPU; ``BANDWIDTH``, ``LINK_LATENCY``)."""
     params = sum(m * n for m, n, _ in lowrank_shapes) + fullrank_numel
     share = (world_size - 1) / world_size
     repeated = share * (sum(2 * r * population_size * m * n for m, n, r in lowrank_shapes)
                         + 2 * population_size * fullrank_numel)
     gather_s = ring_allgather_s(world_size, 4 * population_size)
-    fitness_s = gather_s + repeated / FLOPS
+    fitness_s = gather_s + repeated / flops
     gradient_s = gather_s + ring_allreduce_s(world_size, 4 * params)
     return {"strategy": "fitness" if fitness_s <= gradient_s else "gradient",
             "fitness_bytes": 4 * population_size * share, "gradient_bytes": (4 * population_size + 8 * params) * share,
@@ -101,9 +103,10 @@ class PopulationGroup:
     def local_size(self) -> int:
         return self.members[1] - self.members[0]
 
-    def resolve(self, lowrank_shapes, fullrank_numel) -> dict:
-        """Fix ``"auto"`` for this model; returns the cost model's figures."""
-        figures = choose_strategy(lowrank_shapes, fullrank_numel, self.population_size, self.world_size)
+    def resolve(self, lowrank_shapes, fullrank_numel, device: torch.device) -> dict:
+        """Fix ``"auto"`` for this model on ``device``; returns the cost model's figures."""
+        flops = FLOPS if torch.device(device).type == "cuda" else CPU_FLOPS
+        figures = choose_strategy(lowrank_shapes, fullrank_numel, self.population_size, self.world_size, flops)
         if self.strategy == "auto":
             self.strategy = figures["strategy"]
         return figures

@@ -142,7 +142,7 @@ def check_policy(args, log):
     noise = {n: pop.noise.chunk_noise(0, N)[p] for n, p in r.net.named_parameters()}
     common.poison(dev)
     with torch.no_grad():
-        out = r.net(obs)
+        out = r.net(pop.per_member(obs))  # member i acts on obs[i]: (N, 2)
     r.opt.tell(torch.randn(N, device=dev))
     h = obs.detach().to("cpu", torch.float64)
     for i in (0, 2):

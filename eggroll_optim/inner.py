@@ -75,15 +75,19 @@ def _same(a, b) -> bool:
 
 
 class Mirror:
-    """Keeps ``MIRRORED`` keys equal in our groups and the inner optimizer's, group for group."""
+    """Keeps ``MIRRORED`` keys equal in ``owner``'s groups and the inner optimizer's, group for group."""
 
-    def __init__(self, ours: list[dict], inner: torch.optim.Optimizer):
-        self.ours, self.inner = ours, inner
-        for group, inner_group in zip(ours, inner.param_groups):
+    def __init__(self, owner: torch.optim.Optimizer, inner: torch.optim.Optimizer):
+        self.owner, self.inner = owner, inner
+        for group, inner_group in zip(self.ours, inner.param_groups):
             for key in MIRRORED:
                 if key in inner_group:
                     group[key] = inner_group[key]
         self.reset()
+
+    @property
+    def ours(self) -> list[dict]:
+        return self.owner.param_groups  # read each time: torch's load_state_dict puts in a new list
 
     def reset(self) -> None:
         """Take our groups as they are now as the truth (after construction, ``add_param_group``, a load)."""

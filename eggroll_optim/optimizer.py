@@ -11,9 +11,11 @@ import torch.nn as nn
 from .core import validate_hyperparameters
 from .hooks import Switch, install
 from .inner import MIRRORED, Mirror, adopted_groups, build_inner, global_step_hooks, inner_step, run_step_hooks
+from .memory import Planner
 from .plan import FULLRANK_MAX_NUMEL, make_plan
 from .population import Population, PopulationNoise
 from .shaping import SHAPINGS, resolve_shaping, shape_fitness, validate_fitness
+from .state import FORMAT, check_loadable, param_table
 
 __all__ = ["EggrollOptimizer"]
 
@@ -77,7 +79,8 @@ class EggrollOptimizer(torch.optim.Optimizer):
         fitness_shaping: str | Callable = "zscore",
         sigma_decay: float = 1.0,
         evolve_biases: bool = True,
-        chunk_size: int | None = None,
+        chunk_size: int | str | None = "auto",
+        max_memory: int | float | None = None,
         nan_policy: str = "raise",
         unsupported: str = "raise",
         reuse_noise: bool = False,
@@ -91,8 +94,12 @@ class EggrollOptimizer(torch.optim.Optimizer):
         validate_hyperparameters(population_size, rank, sigma, lr)
         if not sigma_decay > 0:
             raise ValueError(f"Invalid sigma_decay: {sigma_decay} (expected > 0)")
-        if chunk_size is not None and (chunk_size < 2 or chunk_size % 2):
-            raise ValueError(f"Invalid chunk_size: {chunk_size} (expected an even integer >= 2)")
+        auto = chunk_size is None or chunk_size == "auto"
+        if not auto and (not isinstance(chunk_size, int) or chunk_size < 2 or chunk_size % 2):
+            raise ValueError(f"Invalid chunk_size: {chunk_size!r} (expected 'auto' or an even integer >= 2)")
+        if max_memory is not None and (isinstance(max_memory, bool) or not max_memory > 0 or not auto):
+            raise ValueError(f"Invalid max_memory: {max_memory!r} (expected bytes > 1 or a fraction in (0, 1], "
+                             "with chunk_size='auto')")
         if nan_policy not in ("raise", "worst"):
             raise ValueError(f"Invalid nan_policy: {nan_policy!r} (expected 'raise' or 'worst')")
         if unsupported not in ("raise", "freeze"):
@@ -103,7 +110,8 @@ class EggrollOptimizer(torch.optim.Optimizer):
             raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
         self.module = module
         self.population_size = population_size
-        self.chunk_size = min(chunk_size or population_size, population_size)
+        self.chunk_size = population_size if auto else min(chunk_size, population_size)
+        self._planner = Planner(max_memory) if auto else None  # members per call, from measurements
         self.seed, self.sigma_decay, self.reuse_noise = int(seed), sigma_decay, reuse_noise
         if noise_block is not None and noise_block < 1:
             raise ValueError(f"Invalid noise_block: {noise_block} (expected >= 1 pairs)")
@@ -118,7 +126,7 @@ class EggrollOptimizer(torch.optim.Optimizer):
             params = adopted_groups(optimizer, params, evolved, self._plan.names)
         super().__init__(evolved if params is None else params, dict(lr=lr, sigma=sigma, rank=rank))
         self.inner = build_inner(optimizer, [{"params": g["params"], "lr": g["lr"]} for g in self.param_groups], lr)
-        self._mirror = Mirror(self.param_groups, self.inner)  # lr, momentum, betas: for every scheduler
+        self._mirror = Mirror(self, self.inner)  # lr, momentum, betas: for every scheduler
         self.defaults.update({k: v for k, v in self.inner.defaults.items() if k in ("momentum", "betas")})
         self._group = self._make_group(process_group, distributed_strategy, check_ranks)
         self._step_count = 0
@@ -160,7 +168,7 @@ class EggrollOptimizer(torch.optim.Optimizer):
         group = PopulationGroup(process_group, self.population_size, strategy, check)
         evolved = [(p, g["rank"]) for g in self.param_groups for p in g["params"]]
         group.resolve([(p.shape[0], p[0].numel(), r) for p, r in evolved if self._plan.is_lowrank(p)],
-                      sum(p.numel() for p, _ in evolved if not self._plan.is_lowrank(p)))
+                      sum(p.numel() for p, _ in evolved if not self._plan.is_lowrank(p)), evolved[0][0].device)
         return group
 
     @property
@@ -199,9 +207,13 @@ class EggrollOptimizer(torch.optim.Optimizer):
         self._mirror.sync()  # a value set on the inner optimizer shows in ours from here
         members = self.local_members
         everyone = self._group is None or self._group.strategy == "fitness"  # whose noise the gradient sums
+        noise = self._noise()
+        if self._planner is not None:
+            self._planner.fixed_bytes = noise.block_bytes()
         self._population = Population(
-            self._noise(), self.population_size, self.chunk_size, self._discard, self._switch, self._plan,
+            noise, self.population_size, self.chunk_size, self._discard, self._switch, self._plan,
             members=(members.start, members.stop), gradient_members=(0, self.population_size) if everyone else None,
+            planner=self._planner,
         )
         return self._population
 
@@ -321,27 +333,29 @@ class EggrollOptimizer(torch.optim.Optimizer):
 
     # ----- state --------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """torch's state plus ``"eggroll"``: the format version, the step, seed and noise layout, the inner
+        optimizer's state, and the ``[name, shape]`` of every evolved parameter (``state.py``)."""
         state = super().state_dict()
         state["eggroll"] = {
-            "step": self._step_count, "seed": self.seed, "noise_block": self.noise_block,
-            "population_size": self.population_size, "inner": self.inner.state_dict(),
+            "format": FORMAT, "step": self._step_count, "seed": self.seed, "noise_block": self.noise_block,
+            "population_size": self.population_size, "inner_type": type(self.inner).__name__,
+            "inner": self.inner.state_dict(), "params": param_table(self.param_groups, self._plan.names),
         }
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
-        state_dict = dict(state_dict)
-        extra = state_dict.pop("eggroll", None)
-        if extra is None:
-            raise ValueError("Not an EggrollOptimizer state_dict: the 'eggroll' entry is missing")
-        for key in ("population_size", "noise_block"):
-            if key in extra and extra[key] != getattr(self, key):
-                raise ValueError(
-                    f"state_dict was saved with {key}={extra[key]}, this optimizer has {getattr(self, key)}: "
-                    "the noise would differ, so the run could not continue identically"
-                )
-        super().load_state_dict(state_dict)
+        """Resume bitwise from ``state_dict()``. Everything is checked before anything changes: another
+        model's parameters (names, shapes), a newer format, a truncated or foreign dict, another
+        population size, noise block or inner optimizer class are each a ``ValueError`` naming both sides."""
+        if self._population is not None:
+            raise RuntimeError("load_state_dict() while a population is pending: tell() or discard() it first")
+        expected = {"population_size": self.population_size, "noise_block": self.noise_block,
+                    "inner_type": type(self.inner).__name__}
+        extra = check_loadable(state_dict, expected, param_table(self.param_groups, self._plan.names))
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "eggroll"})
         self._step_count, self.seed = int(extra["step"]), int(extra["seed"])
         self.inner.load_state_dict(extra["inner"])
+        self._mirror.reset()
 
     @property
     def population(self) -> Population | None:

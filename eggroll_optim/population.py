@@ -1,14 +1,18 @@
 """A population being evaluated: its keyed noise, its chunks, and the gradient over all of them.
 
 Nothing from ``ask`` is kept but the keys: the noise of any chunk is regenerated on demand
-(SPEC §6); only the most recently active chunk stays cached, so a population evaluated in one
-chunk never draws its noise twice.
+(SPEC §6); only the most recently used piece stays cached, so a population evaluated in one
+piece never draws its noise twice. A call of the model runs the active members in pieces that fit
+in memory (``memory.py``, ``chunk_size="auto"``); a CUDA out-of-memory error halves the piece once.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 
 from .hooks import IDLE, PerMember, Switch, run_members
+from .memory import PROBE_MEMBERS, RunningStats, call_key, concat, even_pieces, measured, tensor_bytes
 from .kernels import fullrank_gradient_sum, lowrank_gradient_sum
 from .noise import antithetic_pairs, keyed_pair_normals, noise_dtype, noise_key
 
@@ -29,6 +33,14 @@ class PopulationNoise:
     @property
     def params(self) -> list:
         return [entry[0] for entry in self.entries]
+
+    def block_bytes(self) -> int:
+        """Bytes of one block of draws of every parameter (what chunked draws keep cached)."""
+        total = 0
+        for p, _, _, rank, lowrank, _ in self.entries:
+            per_pair = (p.shape[0] + p[0].numel()) * rank if lowrank else p.numel()
+            total += per_pair * self.block_pairs * torch.finfo(noise_dtype(p.dtype)).bits // 8
+        return total
 
     def chunk_noise(self, start: int, stop: int, reuse_blocks: bool = False) -> dict:
         """``{param: (A_scaled (n, m, r), B (n, k, r))}`` or ``{param: noise (n, *shape)}``.
@@ -55,10 +67,12 @@ class PopulationNoise:
 
 
 class Chunk:
-    """The active members ``[start, stop)``: their factors and per-member parameter values."""
+    """Members ``[start, stop)`` running in one call: their factors and per-member parameter values.
+    ``outer``: the active members they are a piece of (default: themselves)."""
 
-    def __init__(self, population: "Population", start: int, stop: int, noise: dict, plan):
+    def __init__(self, population: "Population", start: int, stop: int, noise: dict, plan, outer=None):
         self.population, self.start, self.stop = population, start, stop
+        self.outer = (start, stop) if outer is None else outer
         self.fired = population.fired
         self.factors = {p: v for p, v in noise.items() if plan.is_lowrank(p)}
         self.values = {  # p + e_i (n, *shape), in p's dtype
@@ -69,17 +83,19 @@ class Chunk:
     def size(self) -> int:
         return self.stop - self.start
 
+    @property
+    def nbytes(self) -> int:
+        return tensor_bytes((self.factors, self.values))
+
     def rows(self, x: torch.Tensor) -> torch.Tensor:
-        """The active members' rows of a per-member input: ``(N, ...)``, or ``(n, ...)`` for this chunk."""
+        """These members' rows of a per-member input: ``(N, ...)``, this process's share (under a process
+        group) or ``(n, ...)`` for the active chunk."""
         population, lead = self.population, (x.shape[0] if x.dim() >= 1 else None)
-        lo, hi = population.local
-        if lead == population.size:
-            return x[self.start:self.stop]
-        if lead == hi - lo:  # this process's share (under a process group)
-            return x[self.start - lo:self.stop - lo]
-        if lead == self.size:
-            return x
-        expected = f"{population.size}" + (f" (or {self.size}, this chunk)" if population.chunked else "")
+        for lo, hi in ((0, population.size), population.local, self.outer):
+            if lead == hi - lo:
+                return x[self.start - lo:self.stop - lo]
+        size = self.outer[1] - self.outer[0]
+        expected = f"{population.size}" + (f" (or {size}, this chunk)" if population.chunked else "")
         raise ValueError(f"per_member input must have leading dim {expected}, got shape {tuple(x.shape)}")
 
 
@@ -95,8 +111,9 @@ class Population:
 
     def __init__(self, noise: PopulationNoise, population_size: int, chunk_size: int, on_abort=None,
                  switch: Switch | None = None, plan=None, members: tuple[int, int] | None = None,
-                 gradient_members: tuple[int, int] | None = None):
+                 gradient_members: tuple[int, int] | None = None, planner=None):
         self.noise, self.size, self.chunk_size = noise, population_size, chunk_size
+        self.planner = planner  # memory.Planner: pieces per call (chunk_size="auto"); None: the whole chunk
         self.local = members or (0, population_size)  # the members this process evaluates
         self.gradient_members = gradient_members or self.local  # whose noise ``gradients`` sums
         self.switch = Switch() if switch is None else switch  # what the hooks read
@@ -104,7 +121,7 @@ class Population:
         self._on_abort = on_abort  # called when a ``with`` block exits with an exception
         self.fired: set = set()
         self._cache: tuple[int, int, dict] | None = None
-        self._active: Chunk | None = None
+        self._active: tuple[int, int] | None = None  # the active members [start, stop)
         self._closed = False
         self._set_active(None)
         if not self.chunked:
@@ -119,28 +136,33 @@ class Population:
         return self.chunk_size < self.local_size
 
     def ranges(self, members: tuple[int, int] | None = None) -> list[tuple[int, int]]:
-        """The chunks ``[start, stop)`` of ``members`` (default: this process's members)."""
+        """``[start, stop)`` parts of ``members`` (default: this process's) whose noise ``gradients`` draws
+        at once: the chunks, or with a planner (``chunk_size="auto"``) the noise blocks, so that its
+        memory is one block's, whatever the population."""
         lo, hi = members or self.local
-        return [(a, min(a + self.chunk_size, hi)) for a in range(lo, hi, self.chunk_size)]
+        step = self.chunk_size if self.planner is None else 2 * self.noise.block_pairs
+        return [(a, min(a + step, hi)) for a in range(lo, hi, step)]
 
     def _noise_for(self, start: int, stop: int) -> dict:
         if self._cache is not None and self._cache[:2] == (start, stop):
             return self._cache[2]
-        noise = self.noise.chunk_noise(start, stop, reuse_blocks=self.chunked)
+        noise = self.noise.chunk_noise(start, stop, reuse_blocks=stop - start < self.local_size)
         self._cache = (start, stop, noise)
         return noise
 
-    def _set_active(self, chunk: Chunk | None) -> None:
-        self._active = chunk
-        idle = chunk is None and self.chunked and not self._closed
-        self.switch.population = IDLE if idle else (self if chunk is not None else None)
+    def _set_active(self, members: tuple[int, int] | None) -> None:
+        self._active = members
+        idle = members is None and self.chunked and not self._closed
+        self.switch.population = IDLE if idle else (self if members is not None else None)
 
     def _activate(self, start: int, stop: int) -> None:
-        self._set_active(Chunk(self, start, stop, self._noise_for(start, stop), self.plan))
+        self._set_active((start, stop))
 
     def chunks(self):
         """Yield ``slice(start, stop)`` for each chunk, with its perturbations active."""
-        for start, stop in self.ranges():
+        lo, hi = self.local
+        for start in range(lo, hi, self.chunk_size):
+            stop = min(start + self.chunk_size, hi)
             self._activate(start, stop)
             yield slice(start, stop)
         if self.chunked:
@@ -151,7 +173,7 @@ class Population:
         """The active members."""
         if self._active is None:
             raise RuntimeError("No members are active")
-        return slice(self._active.start, self._active.stop)
+        return slice(*self._active)
 
     def per_member(self, x: torch.Tensor) -> PerMember:
         """Mark ``x (N, ...)`` as one input per member: member ``i`` sees ``x[i]`` (inside a chunk,
@@ -169,11 +191,63 @@ class Population:
             raise ValueError(f"Expected a leading dim of {self.size} (the population), got {tuple(x.shape)}")
         return x[self.members]
 
+    @torch._dynamo.disable
     def run(self, inner, root, args, kwargs):
-        """Run ``inner`` (the root's forward) for every active member; called by the root's override."""
+        """Run ``inner`` (the root's forward) for every active member; called by the root's override.
+
+        The members run in pieces (``memory.py``); a CUDA out-of-memory error in a piece halves it, once
+        a call. Running statistics end as one call over all members would leave them.
+
+        ``torch.compile`` does not trace in here: the members run eagerly under vmap (their noise is
+        drawn, their pieces planned and measured here; traced, each chunk's bounds would be guarded
+        constants, a recompilation per chunk). Outside a population a compiled model is compiled."""
         if self._active is None:
             raise RuntimeError("No members are active")
-        return run_members(self.switch, self.plan, root, self._active, inner, args, kwargs)
+        start, stop = self._active
+        key = call_key(args, kwargs) if self.planner is not None else None
+        probe = key is not None and not self.planner.knows(key)  # measure a first piece, then plan the rest
+        todo = [(start, min(stop, start + PROBE_MEMBERS))] if probe else self._pieces(start, stop, key)
+        outputs, stats, halved = [], RunningStats(root), False
+        while todo:
+            piece, failed, measure = todo.pop(0), False, probe and not outputs
+            try:
+                outputs.append(self._run_piece(*piece, inner, root, args, kwargs, key if measure else None))
+            except torch.OutOfMemoryError:
+                if halved or piece[1] - piece[0] < 4:
+                    raise
+                failed = halved = True  # retried below, once the failed piece's tensors are freed
+            if failed:
+                todo = self._halved(piece, stop, key)
+                continue
+            stats.done(piece[1] - piece[0])
+            if probe and not todo:
+                todo = self._pieces(piece[1], stop, key)
+        stats.finish()
+        return outputs[0] if len(outputs) == 1 else concat(outputs)
+
+    def _halved(self, piece: tuple[int, int], stop: int, key) -> list[tuple[int, int]]:
+        size = (piece[1] - piece[0]) // 4 * 2
+        warnings.warn(f"Out of memory running members [{piece[0]}, {piece[1]}) at once: retrying in pieces of "
+                      f"{size} (pass max_memory= or a smaller chunk_size to avoid it)", stacklevel=4)
+        if key is not None:
+            self.planner.halve(key, piece[1] - piece[0])
+        return even_pieces(piece[0], stop, size)
+
+    def _pieces(self, start: int, stop: int, key) -> list[tuple[int, int]]:
+        if start >= stop:
+            return []
+        return [(start, stop)] if key is None else even_pieces(start, stop, self.planner.fit(key))
+
+    def _run_piece(self, start: int, stop: int, inner, root, args, kwargs, probe_key):
+        chunk = Chunk(self, start, stop, self._noise_for(start, stop), self.plan, outer=self._active)
+        if probe_key is None:
+            return run_members(self.switch, self.plan, root, chunk, inner, args, kwargs)
+        device = self.noise.entries[0][0].device
+        with measured(device) as m:
+            out = run_members(self.switch, self.plan, root, chunk, inner, args, kwargs)
+        total = self._active[1] - self._active[0]
+        self.planner.record(probe_key, device, chunk.size, m.bytes, chunk.nbytes, tensor_bytes(out), total)
+        return out
 
     def member_state_dict(self, i: int, module=None) -> dict:
         """Member ``i``'s dense parameters ``{name: tensor}``: every evolved parameter perturbed

@@ -1,10 +1,10 @@
 """Sweep the launch configurations of the fused kernels on the paper's shapes (GPU); prints ms per config.
 
-  mlp    the streaming shared-input MLP kernel (``kernels.fast.mlp``, ``resident=False``) on the MNIST
+  mlp    the streaming shared-input MLP kernel (``kernels.fast.mlp``, pinned ``resident=False``) on the MNIST
          step's shapes: x (256, 784), 784-256(tanh)-10, N=4096, rank 4, TF32; whole ``_fused`` call (base
          and x B1 GEMMs included); tiles, register caps, float16 second layer (h16) or TF32
   resident the register-resident MLP kernels (the default for tanh under TF32) on the same shapes, with
-         the factors as ``noise.antithetic_pairs`` returns them: without bias noise the twin kernel (one
+         the factors as ``noise.Pairs``: without bias noise the twin kernel (one
          layer-1 product per antithetic pair), with it one per member; programs per SM, register cap,
          stages, lookahead
   parts  the GEMMs around the MLP kernel: x W1ᵀ + b1, and x B1 (a copy of B1, then cuBLAS)
@@ -12,7 +12,8 @@
          shapes: x (1024, 8192) bf16, rank 1; next to ``x @ W.T`` and ``addmm`` for scale; two launches (projection
          in parts, then the output blocks) or one, warps of each
 Timer: ``triton.testing.do_bench`` (L2 flushed, median); the rows kernels as CUDA-graph replays. The
-autotune lists in the kernels come from here.
+autotune lists in the kernels come from here; the launch choices are set through
+``kernels.fast._triton.pinned``, never through the kernels' arguments.
 Usage: python benchmarks/sweep_kernels.py [rows] [parts] [mlp] [resident]
 """
 from __future__ import annotations
@@ -22,11 +23,11 @@ import sys
 
 import torch
 
-from eggroll_optim.kernels.fast._triton import triton
-from eggroll_optim.kernels.fast.mlp import _fused
-from eggroll_optim.noise import antithetic_pairs
+from eggroll_optim.kernels.fast._triton import pinned, triton
 from eggroll_optim.kernels.fast.counter_linear import launch_counter_rows
+from eggroll_optim.kernels.fast.mlp import _fused
 from eggroll_optim.kernels.fast.rows import rows_lowrank_delta
+from eggroll_optim.noise import antithetic_pairs
 
 
 def bench(fn):
@@ -44,9 +45,15 @@ def bench_graph(fn):
     return bench(graph.replay)
 
 
+def fused(x, l1, l2, activation="tanh", bias=(None, None), **choices):
+    """The fused MLP on the shared ``x`` with ``choices`` pinned (``config``, ``h16``, ``resident``)."""
+    with pinned(**choices):
+        return _fused(x, l1, l2, activation, True, bias)
+
+
 def mnist_inputs(antithetic: bool):
     """The MNIST step's shapes under TF32: ``x (256, 784)``, 784-256-10, N=4096, rank 4; factors drawn per
-    member, or (``antithetic``) as ``noise.antithetic_pairs`` returns them. Also bias noise ``(N, H), (N, O)``."""
+    member, or (``antithetic``) as ``noise.Pairs``. Also bias noise ``(N, H), (N, O)``."""
     torch.backends.cuda.matmul.allow_tf32 = True
     g = torch.Generator(device="cuda").manual_seed(0)
     N, M, D, H, O, R = 4096, 256, 784, 256, 10, 4
@@ -60,23 +67,22 @@ def mnist_inputs(antithetic: bool):
         return rnd(N, m, R, s=0.01), rnd(N, n, R)
 
     x = torch.rand(M, D, device="cuda", generator=g)
-    l1 = (rnd(H, D, s=0.03), rnd(H), *factors(H, D))
-    l2 = (rnd(O, H, s=0.06), rnd(O), *factors(O, H))
+    l1 = (rnd(H, D, s=0.03), rnd(H), factors(H, D))
+    l2 = (rnd(O, H, s=0.06), rnd(O), factors(O, H))
     return x, l1, l2, (rnd(N, H, s=0.01), rnd(N, O, s=0.01))
 
 
 def sweep_mlp():
     x, l1, l2, _ = mnist_inputs(antithetic=False)
-    ref = _fused(x, l1, l2, "tanh", True, (None, None), config=dict(BM=32, MEMBERS=8, num_warps=4, HC=32), h16=False,
-                 resident=False)
+    ref = fused(x, l1, l2, config=dict(BM=32, MEMBERS=8, num_warps=4, HC=32), h16=False, resident=False)
     results = []
     shapes = ((64, 8, 64, 4), (64, 16, 64, 4), (64, 32, 64, 4), (64, 8, 32, 4), (128, 16, 64, 8), (32, 16, 32, 4))
     for (bm, mem, hc, w), reg, h16 in itertools.product(shapes, (None, 80, 96, 112, 128), (True, False)):
         cfg = dict(BM=bm, MEMBERS=mem, HC=hc, num_warps=w, num_stages=1, **({"maxnreg": reg} if reg else {}))
         try:
-            out = _fused(x, l1, l2, "tanh", True, (None, None), config=cfg, h16=h16, resident=False)
+            out = fused(x, l1, l2, config=cfg, h16=h16, resident=False)
             err = ((out - ref).norm() / ref.norm()).item()
-            ms = bench(lambda: _fused(x, l1, l2, "tanh", True, (None, None), config=cfg, h16=h16, resident=False))
+            ms = bench(lambda: fused(x, l1, l2, config=cfg, h16=h16, resident=False))
         except Exception as exc:  # noqa: BLE001 - a config that does not fit is reported, not fatal
             print(f"mlp {cfg} h16 {h16}: failed {type(exc).__name__}: {str(exc)[:80]}", flush=True)
             continue
@@ -84,26 +90,26 @@ def sweep_mlp():
         print(f"mlp {cfg} h16 {h16}: {ms:.4f} ms (rel. diff {err:.1e})", flush=True)
     _, cfg, _, h16 = min(results, key=lambda t: t[0])
     for act in ("identity", "relu"):
-        ms = bench(lambda: _fused(x, l1, l2, act, True, (None, None), config=cfg, h16=h16, resident=False))
+        ms = bench(lambda: fused(x, l1, l2, act, config=cfg, h16=h16, resident=False))
         print(f"mlp best config with {act}: {ms:.4f} ms")
     for ms, cfg, err, h in sorted(results, key=lambda t: t[0])[:6]:
         print(f"mlp best: {ms:.4f} ms {cfg} h16 {h} (rel. diff {err:.1e})")
-    print(f"mlp autotuned: {bench(lambda: _fused(x, l1, l2, 'tanh', True, (None, None), resident=False)):.4f} ms")
+    print(f"mlp autotuned: {bench(lambda: fused(x, l1, l2, resident=False)):.4f} ms")
 
 
 def sweep_resident():
     x, l1, l2, noise = mnist_inputs(antithetic=True)
     print(f"resident: the streaming kernel, autotuned: "
-          f"{bench(lambda: _fused(x, l1, l2, 'tanh', True, (None, None), resident=False)):.4f} ms", flush=True)
+          f"{bench(lambda: fused(x, l1, l2, resident=False)):.4f} ms", flush=True)
     for bias in ((None, None), noise):
-        ref = _fused(x, l1, l2, "tanh", True, bias, resident=False)
+        ref = fused(x, l1, l2, bias=bias, resident=False)
         results = []
         for (per_sm, reg), ahead, stages in itertools.product(((3, 168), (6, 168), (4, 128), (2, 232)), (False, True),
                                                                (2, 3)):
             cfg = dict(PER_SM=per_sm, LOOKAHEAD=ahead, num_warps=4, num_stages=stages, maxnreg=reg)
             try:
-                err = ((_fused(x, l1, l2, "tanh", True, bias, resident=True, config=cfg) - ref).norm() / ref.norm()).item()
-                ms = bench(lambda: _fused(x, l1, l2, "tanh", True, bias, resident=True, config=cfg))
+                err = ((fused(x, l1, l2, bias=bias, resident=True, config=cfg) - ref).norm() / ref.norm()).item()
+                ms = bench(lambda: fused(x, l1, l2, bias=bias, resident=True, config=cfg))
             except Exception as exc:  # noqa: BLE001 - a config that does not fit is reported, not fatal
                 print(f"resident {cfg}: failed {type(exc).__name__}: {str(exc)[:80]}", flush=True)
                 continue
@@ -112,7 +118,7 @@ def sweep_resident():
         for ms, cfg in sorted(results)[:4]:
             print(f"resident best (bias noise {bias[0] is not None}): {ms:.4f} ms {cfg}")
         print(f"resident autotuned (bias noise {bias[0] is not None}): "
-              f"{bench(lambda: _fused(x, l1, l2, 'tanh', True, bias)):.4f} ms", flush=True)
+              f"{bench(lambda: fused(x, l1, l2, bias=bias)):.4f} ms", flush=True)
 
 
 def mlp_parts():

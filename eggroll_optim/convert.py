@@ -132,8 +132,8 @@ def _fused_mlp(pattern, x, params, perts):
     W1 = params[f"{name1}.weight"]
     if not shared or x.dim() != 2 or x.shape[0] == 0 or not mlp_fast_path(x, W1.shape[0], shared):
         return None
-    layer1 = (W1, params.get(f"{name1}.bias"), *perts[f"{name1}.weight"])
-    layer2 = (params[f"{name2}.weight"], params.get(f"{name2}.bias"), *perts[f"{name2}.weight"])
+    layer1 = (W1, params.get(f"{name1}.bias"), perts[f"{name1}.weight"])  # the factors as given: Pairs or a tuple
+    layer2 = (params[f"{name2}.weight"], params.get(f"{name2}.bias"), perts[f"{name2}.weight"])
     return perturbed_mlp(x, layer1, layer2, activation)
 
 

@@ -17,7 +17,7 @@ import torch
 
 from .convert import make_perturbed_forward_fn
 from .kernels import es_gradient, lowrank_linear_delta, perturbed_conv, perturbed_linear
-from .noise import antithetic, antithetic_pairs, draw_pair_factors
+from .noise import Pairs, antithetic, antithetic_pairs, draw_pair_factors
 from .shaping import shape_fitness, validate_fitness, zscore
 
 __all__ = [
@@ -40,7 +40,7 @@ __all__ = [
     "update_params",
 ]
 
-Perturbations = dict[str, tuple[torch.Tensor, torch.Tensor]]
+Perturbations = dict[str, Pairs | tuple[torch.Tensor, torch.Tensor]]  # name -> (A_scaled, B)
 
 
 def validate_hyperparameters(population_size: int, rank: int, sigma: float, lr: float) -> None:
@@ -132,7 +132,12 @@ def generate_perturbations(
     dtype: torch.dtype = torch.float32,
 ) -> Perturbations:
     """``{name: (A_scaled, B)}`` for every shape, drawn in order from ``generator`` (the same numbers
-    as ``generate_lowrank_perturbations`` shape by shape)."""
+    as ``generate_lowrank_perturbations`` shape by shape).
+
+    Each value is a ``noise.Pairs``: it unpacks as ``A_scaled (N, out, r), B (N, in, r)`` like the
+    seed's tuple and also tells the kernels that members ``2k`` and ``2k + 1`` are a pair, so the
+    gradient (and the fused MLP kernel on CUDA) work per pair. A plain ``(A_scaled, B)`` tuple of
+    your own works everywhere a ``Pairs`` does, through the generic per-member paths."""
     validate_hyperparameters(population_size, rank, sigma, 0.0)
     perts = {}
     for name, (out_dim, in_dim) in shapes.items():
@@ -159,13 +164,15 @@ def normalize_fitnesses(fitnesses: torch.Tensor) -> torch.Tensor:
 def compute_es_gradient(
     fitnesses: torch.Tensor, A_scaled: torch.Tensor, B: torch.Tensor, population_size: int
 ) -> torch.Tensor:
-    """``einsum('nir,njr->ij', f * A_scaled, B) / sqrt(population_size)`` -> ``(out, in)``."""
-    return es_gradient(fitnesses, A_scaled, B, population_size)
+    """``einsum('nir,njr->ij', f * A_scaled, B) / sqrt(population_size)`` -> ``(out, in)`` (``kernels.es_gradient``
+    over members: two tensors carry no pair structure)."""
+    return es_gradient(fitnesses, (A_scaled, B), population_size)
 
 
 def compute_gradients(fitnesses: torch.Tensor, perts: Perturbations, population_size: int) -> dict[str, torch.Tensor]:
-    """``{name: (out, in) gradient}`` for every perturbed weight."""
-    return {name: compute_es_gradient(fitnesses, A, B, population_size) for name, (A, B) in perts.items()}
+    """``{name: (out, in) gradient}`` for every perturbed weight: ``kernels.es_gradient`` of each value
+    (over pairs for ``generate_perturbations``' ``Pairs``, over members for a plain tuple)."""
+    return {name: es_gradient(fitnesses, factors, population_size) for name, factors in perts.items()}
 
 
 def update_params(params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], lr: float) -> dict[str, torch.Tensor]:

@@ -43,7 +43,7 @@ class PopulationNoise:
         return total
 
     def chunk_noise(self, start: int, stop: int, reuse_blocks: bool = False) -> dict:
-        """``{param: (A_scaled (n, m, r), B (n, k, r))}`` or ``{param: noise (n, *shape)}``.
+        """``{param: Pairs}`` (unpacking as ``(A_scaled (n, m, r), B (n, k, r))``) or ``{param: noise (n, *shape)}``.
 
         ``reuse_blocks``: keep the latest drawn block per parameter, for chunks that share one.
         """
@@ -56,10 +56,11 @@ class PopulationNoise:
                 cache=self._blocks if reuse_blocks else None,
             )
             if lowrank:
-                A_scaled, B = antithetic_pairs(draws[0], draws[1], sigma, rank)
+                A, B = draws
                 if zero_row is not None:  # e.g. an embedding's padding_idx: never perturbed, never updated
-                    A_scaled[:, zero_row] = 0
-                noise[p] = (A_scaled, B)
+                    A = A.clone()  # the draw, not the cached block it views
+                    A[:, zero_row] = 0
+                noise[p] = antithetic_pairs(A, B, sigma, rank)
             else:
                 eps = draws[0]
                 noise[p] = torch.stack((eps, -eps), dim=1).flatten(0, 1) * sigma  # (n, *shape)

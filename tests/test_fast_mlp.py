@@ -10,6 +10,7 @@ import torch
 from interpreted import run_interpreted
 
 from eggroll_optim.kernels.fast.mlp import perturbed_mlp, perturbed_mlp_reference
+from eggroll_optim.kernels.mlp import mlp_layer
 
 triton = pytest.importorskip("triton")
 
@@ -36,13 +37,16 @@ def _member_major(layer):
     return W, b, A, B.permute(1, 0, 2).contiguous().permute(1, 0, 2)
 
 
+def _float64(layer):
+    """A layer as float64 CPU tensors, its factors as a plain tuple."""
+    W, b, factors = mlp_layer(layer)
+    return W.double().cpu(), b.double().cpu(), tuple(t.double().cpu() for t in factors)
+
+
 def _relative_error(x, layer1, layer2, activation, shared=True, bias_noise=(None, None)):
     out = perturbed_mlp(x, layer1, layer2, activation, shared, bias_noise)
     noise64 = [t.double().cpu() if t is not None else None for t in bias_noise]
-    ref = perturbed_mlp_reference(
-        x.double().cpu(), [t.double().cpu() for t in layer1], [t.double().cpu() for t in layer2], activation,
-        shared, noise64,
-    )
+    ref = perturbed_mlp_reference(x.double().cpu(), _float64(layer1), _float64(layer2), activation, shared, noise64)
     assert out.shape == ref.shape
     return ((out.double().cpu() - ref).norm() / ref.norm()).item()
 
@@ -110,8 +114,8 @@ def _resident_launch(fn):
 
 
 def _resident_errors(device, seed):
-    """Relative errors of the resident kernel (forced, and as ``perturbed_mlp`` picks it) against float64."""
-    from eggroll_optim.kernels.fast.mlp import _fused
+    """Relative errors of the resident kernels against float64: hand-built factors (one kernel per member),
+    then ``Pairs`` (the twin kernel exactly where both layers are ``Pairs`` and layer 1 has no bias noise)."""
     from eggroll_optim.kernels.fast.resident import resident_fits
 
     errors = []
@@ -124,55 +128,56 @@ def _resident_errors(device, seed):
             assert resident_fits(M, H, O, R, "tanh", True, R < 16)
             for layers in ((l1, l2), (_member_major(l1), _member_major(l2))):
                 for bn in ((None, None), noise) if R < 16 else ((None, noise[1]),):
-                    errors.append(_relative_error(x, *layers, "tanh", True, bn))
-                    out = _fused(x, *layers, "tanh", True, bn, resident=True)
-                    assert torch.equal(out, perturbed_mlp(x, *layers, "tanh", True, bn)), "not the resident path"
-        from eggroll_optim.noise import antithetic_half, antithetic_pairs
-
+                    err, twin = _resident_launch(lambda: _relative_error(x, *layers, "tanh", True, bn))
+                    assert twin == [False], "not the resident kernel, or the twin one for plain tensors"
+                    errors.append(err)
         g = torch.Generator().manual_seed(seed)
-        for M, D, H, O, P, R in ((64, 12, 64, 5, 3, 2), (100, 20, 100, 7, 4, 4)):  # factors straight from
-            # antithetic_pairs: one x B1 per pair (where the layout kernels made B1's per-pair copy)
-            rnd = lambda *s, k=1.0: (torch.randn(*s, generator=g) * k).to(device)  # noqa: E731
-            x = rnd(M, D)
-            l1 = (rnd(H, D, k=0.3), rnd(H), *antithetic_pairs(rnd(P, H, R), rnd(P, D, R), 0.3, R))
-            l2 = (rnd(O, H, k=0.3), rnd(O), *antithetic_pairs(rnd(P, O, R), rnd(P, H, R), 0.3, R))
-            # what the twin kernel needs: B1's per-pair copy, ±A1, a paired B2 (and no layer-1 bias noise)
-            assert antithetic_half(l1[3])[1] is not None and antithetic_half(l1[2])[0] and antithetic_half(l2[3])[0]
-            errors.append(_relative_error(x, l1, l2, "tanh", True))
-            # two float16 paths (each within TF32 accuracy of float64) agree to that accuracy
-            close = lambda a, b: ((a - b).norm() / b.norm()).item() < 5e-3  # noqa: E731
-            plain = [(W, b, A.clone(), B.clone()) for W, b, A, B in (l1, l2)]  # unmarked: x B1 per member
-            twin, took_twin = _resident_launch(lambda: _fused(x, l1, l2, "tanh", True, (None, None)))
-            assert took_twin == [True]  # the twin kernel ran: what follows compares two kernels, not one with itself
-            assert _resident_launch(lambda: _fused(x, *plain, "tanh", True, (None, None)))[1] == [False]
-            assert close(twin, _fused(x, *plain, "tanh", True, (None, None)))
-            # one layer-1 product per pair (the twin kernel) against one per member
-            assert close(twin, _fused(x, l1, l2, "tanh", True, (None, None), twin=False))
-            bn2 = rnd(2 * P, O, k=0.1)  # layer-2 bias noise keeps the twin kernel; layer-1 bias noise does not
-            errors.append(_relative_error(x, l1, l2, "tanh", True, (None, bn2)))
-            errors.append(_relative_error(x, l1, l2, "tanh", True, (rnd(2 * P, H, k=0.1), bn2)))
-            slow = dict(PER_SM=2, LOOKAHEAD=False, num_warps=4)  # the other schedule of the chunks
-            assert close(_fused(x, l1, l2, "tanh", True, (None, None), config=slow), twin)
-            assert close(_fused(x, l1, l2, "tanh", True, (None, None), config=slow, twin=False), twin)
-            # a layer 2 that is not antithetic (or no longer is) must not take the twin kernel's shared B2 loads
-            errors.append(_relative_error(x, l1, (l2[0], l2[1], rnd(2 * P, O, R, k=0.3), rnd(2 * P, H, R)), "tanh"))
-            W2, b2, A2, B2 = l2
-            B2 = B2.clone().permute(1, 0, 2).contiguous().permute(1, 0, 2)  # a fresh (unmarked) copy
-            l2b = antithetic_pairs(A2[0::2].clone(), B2[0::2].contiguous(), 0.3, R)
-            l2b = (W2, b2, *l2b)
-            l2b[3][1].mul_(3.0)  # member 1's B2 changes: the pair note is void
-            assert not antithetic_half(l2b[3])[0]
-            errors.append(_relative_error(x, l1, l2b, "tanh"))
-            # |x B1| and the base past float16's range: they saturate (no inf - inf = NaN); at such magnitudes a
-            # 10-bit mantissa (TF32's too) no longer resolves pre-activations near 0, so only finiteness is checked
-            for kw in ({}, dict(twin=False)):
-                assert torch.isfinite(_fused(x * 1e5, l1, l2, "tanh", True, (None, None), **kw)).all()
-            # A1 no longer antithetic (B1 and B2 still paired): one layer-1 product per member, right values
-            l1[2][1].mul_(3.0)
-            errors.append(_relative_error(x, l1, l2, "tanh", True))
-            assert _resident_launch(lambda: _fused(x, l1, l2, "tanh", True, (None, None)))[1] == [False]
+        for M, D, H, O, P, R in ((64, 12, 64, 5, 3, 2), (100, 20, 100, 7, 4, 4)):
+            errors += _resident_pair_errors(device, g, M, D, H, O, P, R)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
+    return errors
+
+
+def _resident_pair_errors(device, g, M, D, H, O, P, R):
+    """The resident kernels given ``Pairs``: what runs follows the types of the factors alone."""
+    from eggroll_optim.kernels.fast._triton import pinned
+    from eggroll_optim.kernels.fast.mlp import _fused
+    from eggroll_optim.noise import antithetic_pairs
+
+    rnd = lambda *s, k=1.0: (torch.randn(*s, generator=g) * k).to(device)  # noqa: E731
+    x = rnd(M, D)
+    l1 = (rnd(H, D, k=0.3), rnd(H), antithetic_pairs(rnd(P, H, R), rnd(P, D, R), 0.3, R))
+    l2 = (rnd(O, H, k=0.3), rnd(O), antithetic_pairs(rnd(P, O, R), rnd(P, H, R), 0.3, R))
+    plain1, plain2 = ((W, b, tuple(t.clone() for t in f)) for W, b, f in (l1, l2))  # the same numbers, no type
+    run = lambda *layers, bn=(None, None): _resident_launch(lambda: _fused(x, *layers, "tanh", True, bn))  # noqa: E731
+    errors = [_relative_error(x, l1, l2, "tanh", True)]
+    twin, kernels = run(l1, l2)
+    assert kernels == [True]  # the twin kernel ran: what follows compares two kernels, not one with itself
+    # two float16 paths (each within TF32 accuracy of float64) agree to that accuracy
+    close = lambda a, b: ((a - b).norm() / b.norm()).item() < 5e-3  # noqa: E731
+    for layers in ((plain1, plain2), (l1, plain2), (plain1, l2)):  # one layer-1 product per member
+        out, kernels = run(*layers)
+        assert kernels == [False] and close(out, twin)
+    bn1, bn2 = rnd(2 * P, H, k=0.1), rnd(2 * P, O, k=0.1)  # layer-2 bias noise keeps the twin kernel, layer-1's not
+    assert run(l1, l2, bn=(None, bn2))[1] == [True] and run(l1, l2, bn=(bn1, bn2))[1] == [False]
+    errors.append(_relative_error(x, l1, l2, "tanh", True, (None, bn2)))
+    errors.append(_relative_error(x, l1, l2, "tanh", True, (bn1, bn2)))
+    with pinned(config=dict(PER_SM=2, LOOKAHEAD=False, num_warps=4)):  # the other schedule of the chunks
+        assert close(_fused(x, l1, l2, "tanh", True, (None, None)), twin)
+        assert close(_fused(x, l1, plain2, "tanh", True, (None, None)), twin)
+    # a hand-built layer 2 that is not antithetic: the per-member kernel, right values
+    errors.append(_relative_error(x, l1, (l2[0], l2[1], rnd(2 * P, O, R, k=0.3), rnd(2 * P, H, R)), "tanh"))
+    # |x B1| and the base past float16's range: they saturate (no inf - inf = NaN); at such magnitudes a
+    # 10-bit mantissa (TF32's too) no longer resolves pre-activations near 0, so only finiteness is checked
+    for layers in ((l1, l2), (l1, plain2)):
+        assert torch.isfinite(_fused(x * 1e5, *layers, "tanh", True, (None, None))).all()
+    # an in-place edit changes no kernel (the type decides); edited copies as plain tensors: their own values
+    A1, B1 = (t.clone() for t in l1[2])
+    A1[1].mul_(3.0)  # member 1 no longer the negative of member 0
+    errors.append(_relative_error(x, (l1[0], l1[1], (A1, B1)), l2, "tanh", True))
+    l1[2].A_scaled[1].mul_(1.0)
+    assert run(l1, l2)[1] == [True]
     return errors
 
 
@@ -271,3 +276,4 @@ def test_autotune_prune_caps_hidden_chunks_and_drops_duplicates():
     assert [c.kwargs["HC"] for c in kept] == [32, 32]  # the three 64/32/64 configs collapse into one
     assert {(c.kwargs["BM"], c.maxnreg) for c in kept} == {(64, 128), (32, None)}
     assert [c.kwargs["HC"] for c in _fit_chunks(configs, {"H": 256})] == [64, 32, 32]
+

@@ -15,7 +15,7 @@ from eggroll_optim.kernels import (
     perturbed_linear,
 )
 from eggroll_optim.kernels.population import split_shared
-from eggroll_optim.noise import antithetic, draw_pair_factors
+from eggroll_optim.noise import antithetic, antithetic_pairs, draw_pair_factors
 
 SEEDS = range(4)
 RANKS = [1, 2, 3, 8]
@@ -164,15 +164,41 @@ def test_es_gradient_matches_explicit_sum(seed, rank, dense):
     N, m, n = _shapes(seed)
     A, B = dense.factors(N, m, n, rank, g, torch.float64)
     f = torch.randn(N, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(es_gradient(f, A, B), dense.gradient(f, A, B), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(es_gradient(f, (A, B)), dense.gradient(f, A, B), rtol=1e-12, atol=1e-12)
     # an explicit population_size only changes the 1/sqrt(N) normalisation
-    torch.testing.assert_close(es_gradient(f, A, B, 4 * N), dense.gradient(f, A, B) / 2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(es_gradient(f, (A, B), 4 * N), dense.gradient(f, A, B) / 2, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("rank", RANKS)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_es_gradient_over_pairs_matches_explicit_sum_and_chunks_add_up(seed, rank, dense):
+    """``Pairs`` take the sum over pairs; the estimate of the whole population is the sum of its
+    chunks' estimates (each with the population's ``1/sqrt(N)``), as ``Population.gradients`` adds them."""
+    g = torch.Generator().manual_seed(seed)
+    N, m, n = _shapes(seed)
+    A, B = draw_pair_factors(N // 2, m, n, rank, g, torch.float64)
+    pairs = antithetic_pairs(A, B, 0.3, rank)
+    f = torch.randn(N, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(es_gradient(f, pairs), dense.gradient(f, *pairs), rtol=1e-12, atol=1e-12)
+    chunks = [antithetic_pairs(A[k:k + 1], B[k:k + 1], 0.3, rank) for k in range(N // 2)]  # one pair each
+    total = sum(es_gradient(f[2 * k:2 * k + 2], chunk, N) for k, chunk in enumerate(chunks))
+    torch.testing.assert_close(total, es_gradient(f, pairs), rtol=1e-12, atol=1e-12)
+
+
+def test_es_gradient_of_fullrank_noise_is_the_scaled_sum():
+    g = torch.Generator().manual_seed(3)
+    f, noise = torch.randn(6, generator=g, dtype=torch.float64), torch.randn(6, 4, 2, generator=g, dtype=torch.float64)
+    expected = sum(f[i] * noise[i] for i in range(6)) / math.sqrt(6)
+    torch.testing.assert_close(es_gradient(f, noise), expected, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(es_gradient(f, noise, 24), expected / 2, rtol=1e-14, atol=1e-14)
 
 
 def test_es_gradient_antithetic_pair_with_equal_fitness_cancels(dense):
     A, B = dense.factors(6, 4, 5, 2, torch.Generator().manual_seed(0), torch.float64)
     f = torch.tensor([1.0, 1.0, -2.0, -2.0, 0.5, 0.5], dtype=torch.float64)
-    torch.testing.assert_close(es_gradient(f, A, B), torch.zeros(4, 5, dtype=torch.float64), rtol=0, atol=1e-14)
+    torch.testing.assert_close(es_gradient(f, (A, B)), torch.zeros(4, 5, dtype=torch.float64), rtol=0, atol=1e-14)
+    pairs = antithetic_pairs(*draw_pair_factors(3, 4, 5, 2, torch.Generator().manual_seed(0), torch.float64), 0.5, 2)
+    torch.testing.assert_close(es_gradient(f, pairs), torch.zeros(4, 5, dtype=torch.float64), rtol=0, atol=0)
 
 
 def test_fullrank_gradient_sum_is_explicit_sum():
@@ -252,7 +278,12 @@ def test_conv_mismatched_factors_and_wrong_leading_dim_raise():
 def test_es_gradient_wrong_fitness_shape_raises():
     A, B, _, _ = _linear_parts()
     with pytest.raises(ValueError, match=r"\(4,\).*\(5,\)"):
-        es_gradient(torch.zeros(5), A, B)
+        es_gradient(torch.zeros(5), (A, B))
+    pairs = antithetic_pairs(*draw_pair_factors(2, 3, 5, 2, torch.Generator().manual_seed(0)), 0.1, 2)
+    with pytest.raises(ValueError, match=r"\(4,\).*\(6,\)"):
+        es_gradient(torch.zeros(6), pairs)
+    with pytest.raises(ValueError, match=r"\(4,\).*\(2,\)"):
+        es_gradient(torch.zeros(2), torch.zeros(4, 3))
 
 
 def test_split_shared_rules():
@@ -282,4 +313,4 @@ def test_kernels_on_cuda_match_cpu(dense):  # CPU twin: the dense-reference test
     out = perturbed_linear(xl.cuda(), Wl.cuda(), None, Al.cuda(), Bl.cuda())
     torch.testing.assert_close(out.cpu(), dense.linear(xl, Wl, None, Al, Bl))
     f = torch.randn(N, dtype=torch.float64)
-    torch.testing.assert_close(es_gradient(f.cuda(), Al.cuda(), Bl.cuda()).cpu(), dense.gradient(f, Al, Bl))
+    torch.testing.assert_close(es_gradient(f.cuda(), (Al.cuda(), Bl.cuda())).cpu(), dense.gradient(f, Al, Bl))

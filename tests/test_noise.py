@@ -174,3 +174,68 @@ def test_antithetic_pairs_is_antithetic_without_the_signed_copy():
     A2, B2 = antithetic_pairs(A, B, 0.3, 2)
     assert torch.equal(A2, A_scaled) and torch.equal(B2, B_pop)
     assert torch.equal(A_signed[1::2], -A) and torch.equal(B_pop[0::2], B) and torch.equal(B_pop[1::2], B)
+
+
+# ---------------------------------------------------------------- Pairs, the value
+
+
+def test_pairs_is_the_seed_tuple_with_its_pair_structure():
+    from eggroll_optim.noise import Pairs, antithetic_pairs
+
+    g = torch.Generator().manual_seed(6)
+    A = torch.randn(3, 4, 2, generator=g, dtype=torch.float64)
+    B = torch.randn(3, 5, 2, generator=g, dtype=torch.float64)
+    pairs = antithetic_pairs(A, B, 0.8, 2)
+    A_scaled, B_pop = pairs
+    assert isinstance(pairs, tuple) and len(pairs) == 2 and pairs[0] is A_scaled and pairs[1] is B_pop
+    assert pairs.A_scaled is A_scaled and pairs.B is B_pop and pairs.num_pairs == 3
+    assert pairs.scale == 0.8 / math.sqrt(2)
+    assert torch.equal(pairs.A_pair, A * pairs.scale) and torch.equal(A_scaled[1::2], -pairs.A_pair)
+    assert torch.equal(pairs.B_pair, B.permute(1, 0, 2)) and pairs.B_pair.is_contiguous()
+    assert repr(pairs) == "Pairs(N=6, m=4, n=5, rank=2, scale=0.565685, dtype=torch.float64)"
+    with pytest.raises(ValueError, match=r"even N.*\(5, 4, 2\)"):
+        Pairs(A_scaled[:5], B_pop[:5], pairs.B_pair, 0.1)
+    with pytest.raises(ValueError, match=r"B_pair \(5, 3, 2\).*\(5, 2, 2\)"):
+        Pairs(A_scaled, B_pop, pairs.B_pair[:, :2], 0.1)
+
+
+def test_pairs_as_a_pytree_are_their_member_tensors():
+    """vmap over members hands each member a plain ``(A_i, B_i)``; copies and pickles keep the type."""
+    import copy
+    import io
+
+    from torch.utils import _pytree as pytree
+
+    from eggroll_optim.noise import Pairs, antithetic_pairs
+
+    pairs = antithetic_pairs(torch.randn(2, 3, 2), torch.randn(2, 4, 2), 0.5, 2)
+    leaves, spec = pytree.tree_flatten({"w": pairs})
+    assert len(leaves) == 2 and leaves[0] is pairs.A_scaled and leaves[1] is pairs.B
+    assert type(pytree.tree_unflatten(leaves, spec)["w"]) is tuple  # rebuilt from members alone: no pairs
+    seen = []
+    out = torch.vmap(lambda f: seen.append(type(f)) or f[0].sum(0) @ f[1].sum(0))(pairs)  # (r,) @ (r,) per member
+    assert seen == [tuple] and out.shape == (4,)
+    torch.testing.assert_close(out, torch.stack([a.sum(0) @ b.sum(0) for a, b in zip(*pairs)]))
+    buffer = io.BytesIO()
+    torch.save({"w": pairs}, buffer)
+    buffer.seek(0)
+    for other in (copy.deepcopy(pairs), torch.load(buffer, weights_only=False)["w"]):
+        assert type(other) is Pairs and other.scale == pairs.scale
+        assert all(torch.equal(a, b) for a, b in zip((*other, other.A_pair, other.B_pair),
+                                                       (*pairs, pairs.A_pair, pairs.B_pair)))
+
+
+def test_population_noise_hands_out_pairs_of_the_keyed_draws():
+    """``PopulationNoise.chunk_noise``: ``Pairs`` for low-rank parameters, the keyed draws in them; a zero row
+    (an embedding's ``padding_idx``) is zero for every member and in the pair structure too."""
+    from eggroll_optim.noise import Pairs, keyed_pair_normals
+    from eggroll_optim.population import PopulationNoise
+
+    weight = torch.zeros(5, 3)
+    noise = PopulationNoise([(weight, (1, 0, 0), 0.5, 2, True, 2)], block_pairs=4)
+    for _ in range(2):  # the second call reads the cached block
+        pairs = noise.chunk_noise(0, 6, reuse_blocks=True)[weight]
+        assert isinstance(pairs, Pairs) and pairs.num_pairs == 3
+        assert (pairs.A_scaled[:, 2] == 0).all() and (pairs.A_pair[:, 2] == 0).all() and pairs.A_scaled.abs().sum() > 0
+    A, _ = keyed_pair_normals(noise_key(1, 0, 0), [(5, 2), (3, 2)], 0, 3, device="cpu", block_pairs=4)
+    assert torch.equal(pairs.A_pair[:, :2], A[:, :2] * pairs.scale)

@@ -1,6 +1,7 @@
-"""The antithetic layout kernels (``kernels.fast.pairs``) against the torch ops they replace, bit for bit.
+"""The antithetic layouts: the Triton kernels of ``noise.layout`` against the torch ops they replace, bit
+for bit, and ``noise.Pairs`` through the gradient: the pair path exactly for a ``Pairs``.
 
-On CPU the kernel runs under Triton's interpreter (in a subprocess); on CUDA it runs compiled (marked ``cuda``).
+On CPU the kernels run under Triton's interpreter (in a subprocess); on CUDA they run compiled (marked ``cuda``).
 """
 
 import pytest
@@ -17,10 +18,10 @@ def torch_layout(B):
 
 
 def check(device):
-    from eggroll_optim.kernels.fast.pairs import (
+    from eggroll_optim.noise import antithetic_pairs
+    from eggroll_optim.noise.layout import (
         layout_kernels_available, pair_rows, pair_scaled_transpose, scaled_transpose, signed_pairs,
     )
-    from eggroll_optim.noise import _pair_rows
 
     g = torch.Generator().manual_seed(0)
     half = [torch.bfloat16] if device == "cuda" else []  # Triton's interpreter: float32/float64 only
@@ -31,14 +32,10 @@ def check(device):
             assert torch.equal(pair_rows(B), torch_layout(B)), (shape, dtype)
             both, one = pair_rows(B, half=True)  # the pair layout and, in the same pass, one row set per pair
             assert torch.equal(both, torch_layout(B)) and torch.equal(one, B.permute(1, 0, 2)), (shape, dtype)
-            P, n, r = shape
-            pop = _pair_rows(B)  # (2P, n, r), stored (n, 2P, r)
-            assert pop.shape == (2 * P, n, r) and pop.permute(1, 0, 2).is_contiguous()
-            assert torch.equal(pop[0::2], B) and torch.equal(pop[1::2], B)
+            check_pairs_layout(antithetic_pairs(B[:, :1], B, 0.5, shape[2]), B)
         if not half:  # bfloat16 where the interpreter cannot run the kernel: torch's copy, the same layout
             B16 = torch.randn(*shape, generator=g).to(device=device, dtype=torch.bfloat16)
-            pop = _pair_rows(B16)
-            assert pop.permute(1, 0, 2).is_contiguous() and torch.equal(pop[0::2], B16) and torch.equal(pop[1::2], B16)
+            check_pairs_layout(antithetic_pairs(B16[:, :1], B16, 0.5, shape[2]), B16)
     assert not layout_kernels_available(torch.randn(4, 3, 2, device=device).permute(1, 0, 2))  # not contiguous
     if device == "cpu":
         assert not layout_kernels_available(torch.randn(4, 3, 2).bfloat16())
@@ -85,44 +82,63 @@ def test_kernel_on_cuda():
     check("cuda")
 
 
+def check_pairs_layout(pairs, B):
+    """``Pairs.B`` (2P, n, r) stored (n, 2P, r) with both members of a pair holding ``B_p``; ``B_pair`` (n, P, r)."""
+    P, n, r = B.shape
+    assert pairs.B.shape == (2 * P, n, r) and pairs.B.permute(1, 0, 2).is_contiguous()
+    assert torch.equal(pairs.B[0::2], B) and torch.equal(pairs.B[1::2], B)
+    assert pairs.B_pair.is_contiguous() and torch.equal(pairs.B_pair, B.permute(1, 0, 2))
+
+
+def _paths(fn):
+    """``fn()`` and the sums it ran, in order: ``"pairs"`` or ``"members"``."""
+    from eggroll_optim.kernels import gradient
+
+    ran, pair_sum, member_sum = [], gradient.pair_gradient_sum, gradient.lowrank_gradient_sum
+    gradient.pair_gradient_sum = lambda *a: ran.append("pairs") or pair_sum(*a)
+    gradient.lowrank_gradient_sum = lambda *a: ran.append("members") or member_sum(*a)
+    try:
+        return fn(), ran
+    finally:
+        gradient.pair_gradient_sum, gradient.lowrank_gradient_sum = pair_sum, member_sum
+
+
 def check_callers(device):
-    """``noise.antithetic_pairs`` and ``kernels.gradient.lowrank_gradient_sum`` through the kernels, against
-    float64 references; a fitness that broadcasts (shape (1,)) takes the torch path."""
-    from eggroll_optim.kernels.fast.pairs import layout_kernels_available
-    from eggroll_optim.kernels.gradient import lowrank_gradient_sum
-    from eggroll_optim.noise import antithetic_half, antithetic_pairs
+    """``noise.antithetic_pairs`` and ``kernels.es_gradient`` (through the layout kernels where they run) against
+    float64 references: the sum over pairs for a ``Pairs`` and only for one; a plain tuple, also of the very same
+    tensors, takes the sum over members; an in-place edit changes no path (there is nothing to void)."""
+    from eggroll_optim.kernels import es_gradient, lowrank_gradient_sum
+    from eggroll_optim.noise import Pairs, antithetic_pairs
 
     g = torch.Generator().manual_seed(1)
     P, m, n, r = 6, 5, 7, 3
     A, B = torch.randn(P, m, r, generator=g).to(device), torch.randn(P, n, r, generator=g).to(device)
-    A_s, B_pop = antithetic_pairs(A, B, 0.2, r)
+    pairs = antithetic_pairs(A, B, 0.2, r)
+    A_s, B_pop = pairs  # the seed's (A_scaled, B)
+    assert isinstance(pairs, Pairs) and pairs.scale == 0.2 / r ** 0.5 and pairs.num_pairs == P
     assert torch.equal(A_s, torch.stack((A, -A), dim=1).flatten(0, 1).mul_(0.2 / r ** 0.5))
-    assert torch.equal(B_pop[0::2], B) and torch.equal(B_pop[1::2], B)
+    assert torch.equal(pairs.A_pair, A_s[0::2]) and pairs.A_pair.data_ptr() == A_s.data_ptr()  # a view
+    check_pairs_layout(pairs, B)
     f = torch.randn(2 * P, generator=g).to(device)
     d = lambda t: t.double().cpu()  # noqa: E731
-    expected = torch.einsum("n,nmr,nkr->mk", d(f), d(A_s), d(B_pop))
-    torch.testing.assert_close(d(lowrank_gradient_sum(f, A_s, B_pop)), expected, rtol=1e-5, atol=1e-5)
+    expected = torch.einsum("n,nmr,nkr->mk", d(f), d(A_s), d(B_pop)) / (2 * P) ** 0.5
+    got, ran = _paths(lambda: es_gradient(f, pairs))
+    assert ran == ["pairs"]
+    torch.testing.assert_close(d(got), expected, rtol=1e-5, atol=1e-5)
+    for plain in (tuple(pairs), (A_s.clone(), B_pop.clone())):  # no pair structure: the sum over members
+        got, ran = _paths(lambda: es_gradient(f, plain))
+        assert ran == ["members"]
+        torch.testing.assert_close(d(got), expected, rtol=1e-5, atol=1e-5)
     expected1 = torch.einsum("n,nmr,nkr->mk", d(f[:1]).expand(2 * P), d(A_s), d(B_pop))
     torch.testing.assert_close(d(lowrank_gradient_sum(f[:1], A_s, B_pop)), expected1, rtol=1e-5, atol=1e-5)
-    # the pair path (the kernels made B's one-row-per-pair copy) against the generic one on unmarked copies
-    paired, half = antithetic_half(B_pop)
-    assert paired and antithetic_half(A_s)[0] and (half is not None) == layout_kernels_available(B)
-    plain = lowrank_gradient_sum(f, A_s.clone(), B_pop.clone())
-    torch.testing.assert_close(lowrank_gradient_sum(f, A_s, B_pop), plain, rtol=1e-5, atol=1e-5)
-    B_pop[3].mul_(2.0)  # an in-place change voids the pair note: the generic path, the new values
-    assert antithetic_half(B_pop) == (False, None)
-    expected = torch.einsum("n,nmr,nkr->mk", d(f), d(A_s), d(B_pop))
-    torch.testing.assert_close(d(lowrank_gradient_sum(f, A_s, B_pop)), expected, rtol=1e-5, atol=1e-5)
-    A_s[0].neg_()
-    assert antithetic_half(A_s) == (False, None)
-    A_s, B_pop = antithetic_pairs(A, B, 0.2, r)
-    A_s[1].mul_(3.0)  # A no longer antithetic while B still is, with its per-pair copy: the generic sum
-    assert not antithetic_half(A_s)[0] and antithetic_half(B_pop)[0]
-    expected = torch.einsum("n,nmr,nkr->mk", d(f), d(A_s), d(B_pop))
-    torch.testing.assert_close(d(lowrank_gradient_sum(f, A_s, B_pop)), expected, rtol=1e-5, atol=1e-5)
-    A_s, B_pop = antithetic_pairs(A, B, 0.2, r)
-    B_pop.data = B_pop.data.clone()  # a new storage under the same tensor: the note is void too
-    assert antithetic_half(B_pop) == (False, None)
+    before = es_gradient(f, pairs)
+    A_s.mul_(1.0), B_pop.mul_(1.0)  # in place, same values: the old pair note was voided by this, the type is not
+    after, ran = _paths(lambda: es_gradient(f, pairs))
+    assert ran == ["pairs"] and torch.equal(after, before)
+    A_e, B_e = A_s.clone(), B_pop.clone()
+    A_e[1].mul_(3.0), B_e[3].mul_(2.0)  # hand-built factors that are not antithetic: their own values
+    expected = torch.einsum("n,nmr,nkr->mk", d(f), d(A_e), d(B_e)) / (2 * P) ** 0.5
+    torch.testing.assert_close(d(es_gradient(f, (A_e, B_e))), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_callers_in_triton_interpreter():

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .fast.mlp import ACTIVATIONS, perturbed_mlp_reference
+from .mlp import ACTIVATIONS, mlp_layer, perturbed_mlp_reference
 
 __all__ = ["perturbed_mlp_cpu"]
 
@@ -88,7 +88,7 @@ def _layer2_offset(b2, bn2, N: int, W2: torch.Tensor) -> torch.Tensor:
 
 
 def _needs_autograd(x, layer1, layer2, bias_noise) -> bool:
-    tensors = (x, *layer1, *layer2, *bias_noise)
+    tensors = (x, *layer1[:2], *layer1[2], *layer2[:2], *layer2[2], *bias_noise)
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
@@ -97,8 +97,8 @@ def perturbed_mlp_cpu(x, layer1, layer2, activation="tanh", shared=True, bias_no
 
     Args:
         x: shared input ``(*batch, in)`` (``shared=True``) or per member ``(N, *batch, in)``.
-        layer1, layer2: ``(W, b, A_scaled, B)`` with ``W (out, in)``, ``b (out,)`` or ``None``,
-            ``A_scaled (N, out, r)``, ``B (N, in, r)``.
+        layer1, layer2: ``(W, b, factors)`` or ``(W, b, A_scaled, B)`` (``kernels.mlp.mlp_layer``), with
+            ``W (out, in)``, ``b (out,)`` or ``None``, ``A_scaled (N, out, r)``, ``B (N, in, r)``.
         activation: ``"tanh"``, ``"relu"`` or ``"identity"``.
         bias_noise: optional full-rank bias noise ``((N, hidden) or None, (N, out) or None)``.
     Returns:
@@ -107,10 +107,11 @@ def perturbed_mlp_cpu(x, layer1, layer2, activation="tanh", shared=True, bias_no
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"Unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
+    layer1, layer2 = mlp_layer(layer1), mlp_layer(layer2)
     if not shared or _needs_autograd(x, layer1, layer2, bias_noise):
         return perturbed_mlp_reference(x, layer1, layer2, activation, shared, bias_noise)
-    W1, b1, A1, B1 = layer1
-    W2, b2, A2, B2 = layer2
+    W1, b1, (A1, B1) = layer1
+    W2, b2, (A2, B2) = layer2
     dtype, (N, H, _), O = x.dtype, A1.shape, W2.shape[0]
     x2 = x.reshape(-1, x.shape[-1])
     M = x2.shape[0]

@@ -1,18 +1,18 @@
-"""ES gradient from factors as one contraction (SPEC §5); never per-member matrices."""
+"""The ES gradient estimate (SPEC §5), one function for the functional API and the optimizer.
+
+``es_gradient`` is the only place of the ``1/sqrt(N)``; the sums below it are one contraction each,
+never per-member matrices.
+"""
 from __future__ import annotations
 
 import math
 
 import torch
 
-from .fast.pairs import (
-    antithetic_half,
-    layout_kernels_available,
-    pair_scaled_transpose,
-    scaled_transpose,
-)
+from ..noise import Pairs
+from ..noise.layout import layout_kernels_available, pair_scaled_transpose, scaled_transpose
 
-__all__ = ["accumulation_dtype", "es_gradient", "lowrank_gradient_sum", "fullrank_gradient_sum"]
+__all__ = ["accumulation_dtype", "es_gradient", "fullrank_gradient_sum", "lowrank_gradient_sum", "pair_gradient_sum"]
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -20,23 +20,58 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
+def es_gradient(fitness: torch.Tensor, noise, population_size: int | None = None) -> torch.Tensor:
+    """``g = (1/sqrt(N)) Σ_i f_i noise_i`` for one parameter (float32 for half inputs).
+
+    Args:
+        fitness: ``(n,)``, the shaped fitness of the members ``noise`` covers (the population, or a
+            chunk of it).
+        noise: ``Pairs`` -> ``Σ_k (f_2k - f_2k+1) A_pair_k B_kᵀ``, the sum over pairs;
+            any other ``(A_scaled (n, m, r), B (n, k, r))`` -> ``Σ_i f_i A_scaled_i B_iᵀ``, over members;
+            a tensor ``(n, *shape)`` (full-rank noise carrying ``sigma s_i``) -> ``Σ_i f_i noise_i``.
+        population_size: the ``N`` of ``1/sqrt(N)``; default ``n`` (a chunk passes the population's).
+    Returns:
+        ``(m, k)`` for factors, ``shape`` for full-rank noise.
+    """
+    members = noise.shape[0] if isinstance(noise, torch.Tensor) else noise[0].shape[0]
+    if fitness.shape != (members,):
+        raise ValueError(f"fitness must have shape ({members},) to match the noise, got {tuple(fitness.shape)}")
+    if isinstance(noise, torch.Tensor):
+        total = fullrank_gradient_sum(fitness, noise)
+    elif isinstance(noise, Pairs):
+        total = pair_gradient_sum(fitness, noise)
+    else:
+        total = lowrank_gradient_sum(fitness, *noise)
+    return total / math.sqrt(members if population_size is None else population_size)
+
+
+def pair_gradient_sum(fitness: torch.Tensor, pairs: Pairs) -> torch.Tensor:
+    """``Σ_k (f_2k - f_2k+1) A_pair_k B_kᵀ`` = ``Σ_i f_i A_scaled_i B_iᵀ`` over ``P`` pairs: ``(2P,) -> (m, n)``.
+
+    One GEMM ``(m, P r) @ (P r, n)`` against ``B_pair``: half the depth and the bytes of the sum over
+    members (the same sum, rounded differently); on CUDA the left operand, the pairs' fitness
+    differences times ``A_pair``, transposed, is one Triton pass."""
+    A, B_pair = pairs.A_pair, pairs.B_pair  # (P, m, r), (n, P, r)
+    acc = accumulation_dtype(A.dtype)
+    P, m, r = A.shape
+    if fitness.shape != (2 * P,):
+        raise ValueError(f"pair_gradient_sum: fitness must have shape ({2 * P},), got {tuple(fitness.shape)}")
+    if layout_kernels_available(pairs.A_scaled, fitness):
+        fA = pair_scaled_transpose(A, fitness, acc)  # (m, P, r)
+    else:
+        f = fitness.to(acc)
+        fA = (A.to(acc) * (f[0::2] - f[1::2])[:, None, None]).permute(1, 0, 2)
+    return fA.reshape(m, P * r) @ B_pair.to(acc).view(B_pair.shape[0], P * r).t()
+
+
 def lowrank_gradient_sum(fitness: torch.Tensor, A_scaled: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """``Σ_i f_i A_scaled_i B_iᵀ`` as one GEMM ``(m, N r) @ (N r, n)``: ``(N,), (N, m, r), (N, n, r) -> (m, n)``.
 
-    ``B`` laid out ``(n, N, r)``-major (as ``noise.antithetic`` returns it) is read without a copy. For
-    factors straight from ``noise.antithetic_pairs`` on CUDA (members ``2k``, ``2k + 1`` share ``B_k`` and
-    carry ``±A_k``, unchanged since), the sum runs over the pairs:
-    ``Σ_k (f_2k - f_2k+1) A_scaled_2k B_kᵀ``, half the GEMM's depth and bytes (the same sum, rounded
-    differently).
-    """
+    ``B`` laid out ``(n, N, r)``-major (as ``Pairs.B``) is read without a copy; on CUDA the left
+    operand ``f_i A_scaled_i``, transposed, is one Triton pass. ``fitness`` of shape ``(1,)`` broadcasts."""
     acc = accumulation_dtype(A_scaled.dtype)
     N, m, r = A_scaled.shape
-    if fitness.shape == (N,) and layout_kernels_available(A_scaled, fitness):  # one Triton pass: f·A transposed
-        paired, half = antithetic_half(B)
-        if paired and half is not None and antithetic_half(A_scaled)[0]:
-            # (f_2k - f_2k+1) A_scaled_2k, transposed, in one pass
-            fA = pair_scaled_transpose(A_scaled[0::2], fitness, acc).view(m, N // 2 * r)
-            return fA @ half.to(acc).view(half.shape[0], N // 2 * r).t()
+    if fitness.shape == (N,) and layout_kernels_available(A_scaled, fitness):
         fA = scaled_transpose(A_scaled, fitness, acc).view(m, N * r)
     else:
         fA = (A_scaled.to(acc) * fitness.to(acc)[:, None, None]).permute(1, 0, 2).reshape(m, N * r)
@@ -47,16 +82,3 @@ def fullrank_gradient_sum(fitness: torch.Tensor, noise: torch.Tensor) -> torch.T
     """``Σ_i f_i noise_i`` for full-rank noise ``(N, *shape)`` already carrying ``sigma * s_i``."""
     acc = accumulation_dtype(noise.dtype)
     return torch.tensordot(fitness.to(acc), noise.to(acc), dims=1)
-
-
-def es_gradient(
-    fitness: torch.Tensor, A_scaled: torch.Tensor, B: torch.Tensor, population_size: int | None = None
-) -> torch.Tensor:
-    """``g = (1/sqrt(N)) Σ_i f_i A_scaled_i B_iᵀ`` -> ``(m, n)`` (float32 for half inputs)."""
-    N = A_scaled.shape[0] if population_size is None else population_size
-    if fitness.shape != (A_scaled.shape[0],):
-        raise ValueError(
-            f"fitness must have shape ({A_scaled.shape[0]},) to match the factors, "
-            f"got {tuple(fitness.shape)}"
-        )
-    return lowrank_gradient_sum(fitness, A_scaled, B) / math.sqrt(N)

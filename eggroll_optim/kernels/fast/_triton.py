@@ -1,25 +1,59 @@
-"""What the Triton kernels share: the optional import, two launch helpers and two activation helpers."""
+"""What the fused kernels share: Triton (``eggroll_optim._triton``), the autotuner as the tests and
+sweeps can narrow or pin it, and two activation helpers.
+
+Launch choices are never arguments of the production functions; tests and sweeps set them here,
+and the launchers read them through ``pinned_choice`` alone:
+
+- ``EGGROLL_AUTOTUNE=first`` (environment, read when a kernel is tuned for a new shape): every
+  autotuned kernel keeps only the first config of its list, so a test compiles each kernel once per
+  shape instead of compiling and timing the whole list (the lists are built for the GPU's speed).
+- ``with pinned(config=..., resident=..., h16=...):`` the launchers inside the block use these
+  choices instead of their own (``kernels.fast.mlp`` says which it reads).
+"""
 from __future__ import annotations
 
+import contextlib
 import os
 
-try:  # Triton is optional: CPU installs and old GPUs use the plain-torch twins
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised where triton is absent
-    triton = tl = None
+from ..._triton import interpreted, pow2, tl, triton
 
-__all__ = ["activate", "interpreted", "pow2", "tanh_f16x2", "tl", "triton"]
+__all__ = ["activate", "autotune", "interpreted", "pinned", "pinned_choice", "pow2", "tanh_f16x2", "tl", "triton"]
+
+_PINNED: dict = {}
 
 
-def interpreted() -> bool:
-    """Triton's CPU interpreter is on (``TRITON_INTERPRET=1``): the kernels run on CPU tensors."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+@contextlib.contextmanager
+def pinned(**choices):
+    """Launch choices for the launches inside the block (tests, ``benchmarks/sweep_kernels.py``)."""
+    previous = dict(_PINNED)
+    _PINNED.update(choices)
+    try:
+        yield
+    finally:
+        _PINNED.clear()
+        _PINNED.update(previous)
 
 
-def pow2(v: int, lo: int = 16) -> int:
-    """The next power of two ``>= v``, at least ``lo`` (a tile size)."""
-    return max(lo, 1 << (int(v) - 1).bit_length())
+def pinned_choice(name: str, default=None):
+    """The pinned launch choice ``name``, or ``default`` where none is pinned (or it is pinned to ``None``)."""
+    value = _PINNED.get(name)
+    return default if value is None else value
+
+
+def first_config_only() -> bool:
+    """``EGGROLL_AUTOTUNE=first``: autotuned kernels keep the first config of their list."""
+    return os.environ.get("EGGROLL_AUTOTUNE") == "first"
+
+
+def autotune(configs, key, prune=None):
+    """``triton.autotune`` over ``configs`` keyed by ``key``; ``prune(configs, named_args, **kwargs)`` is the
+    kernel's own early prune. Under ``EGGROLL_AUTOTUNE=first`` only the first surviving config is kept."""
+
+    def early(configs, named_args, **kwargs):
+        kept = prune(configs, named_args, **kwargs) if prune is not None else configs
+        return kept[:1] if first_config_only() else kept
+
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": early})
 
 
 if triton is not None:
@@ -42,4 +76,3 @@ if triton is not None:
         """tanh of a float16 tensor (``tanh.approx.f16x2``; sm_90 runs it as two ``MUFU.TANH.F16``)."""
         return tl.inline_asm_elementwise("tanh.approx.f16x2 $0, $1;", "=r,r", [h], dtype=tl.float16, is_pure=True,
                                          pack=2)
-

@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from ...noise import antithetic_pairs
 from ._triton import interpreted as _interpreted
 from ._triton import tl, triton
 from .counter import BLOCK, _pad_block, counter_pair_factors, pair_stride
@@ -244,8 +245,6 @@ def perturbed_linear_counter(
         raise ValueError(f"perturbed_linear_counter: needs rank >= 1 and N >= 2, got rank={rank}, N={N}")
     scale = sigma / math.sqrt(rank)
     if not fused_rows_available(x, weight, bias) or rank & (rank - 1) or rank > 16:  # the twin
-        from ...noise import antithetic_pairs  # here: noise imports this package
-
         A_scaled, B = antithetic_pairs(*counter_pair_factors(seed, 0, N // 2, O, D, rank, x.device), sigma, rank)
         delta = rows_lowrank_delta(x, A_scaled.to(x.dtype), B.to(x.dtype), bias)
         return torch.addmm(delta, x, weight.t())

@@ -1,11 +1,12 @@
-"""A population through ``Linear -> activation -> Linear`` with a shared input, fused.
+"""A population through ``Linear -> activation -> Linear``, fused.
 
 Every member ``i`` computes
 ``h_i = act(x W1ᵀ + b1 + (x B1_i) A1_iᵀ)`` and ``y_i = h_i W2ᵀ + b2 + (h_i B2_i) A2_iᵀ``.
-The Triton kernel keeps ``h_i`` on chip: one program takes ``BM`` rows of one member, so the
+The Triton kernels keep ``h_i`` on chip: one program takes ``BM`` rows of one member, so the
 ``(N, M, hidden)`` activations never reach device memory. ``x B1`` for every member is one GEMM
-beforehand and ``x W1ᵀ + b1`` is computed once. ``perturbed_mlp_reference`` is the plain-torch
-twin (the two perturbed linear kernels and the activation) used on CPU and as the test oracle.
+beforehand and ``x W1ᵀ + b1`` is computed once. For a shared input under TF32 the register-resident
+kernels of ``kernels.fast.resident`` run; given ``noise.Pairs`` factors they work per antithetic pair.
+``kernels.mlp.perturbed_mlp_reference`` is the plain-torch twin and the test oracle.
 """
 from __future__ import annotations
 
@@ -13,23 +14,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import linear  # a module reference: linear imports fast.rows, which imports this package
-
+from ...noise import Pairs
+from ..cpu_mlp import perturbed_mlp_cpu
+from ..mlp import ACTIVATIONS, mlp_layer, perturbed_mlp_reference
 from ._triton import activate as _activate
+from ._triton import autotune as _autotune
 from ._triton import interpreted as _interpreted
+from ._triton import pinned_choice as _pinned_choice
 from ._triton import pow2 as _pow2
 from ._triton import tanh_f16x2 as _tanh_f16x2
 from ._triton import tl, triton
-from .pairs import antithetic_half
 from .resident import launch_resident, resident_fits
 
 __all__ = [
-    "ACTIVATIONS", "fused_mlp_available", "mlp_block_activation", "mlp_fast_path", "perturbed_mlp",
-    "perturbed_mlp_reference",
+    "fused_mlp_available", "mlp_block_activation", "mlp_fast_path", "perturbed_mlp", "perturbed_mlp_reference",
 ]
 
-# in place: the reference applies them to a tensor it has just created (no fresh allocation)
-ACTIVATIONS = {"tanh": torch.tanh_, "relu": torch.relu_, "identity": lambda h: h}
 _ACT_CODE = {"identity": 0, "tanh": 1, "relu": 2}
 _BLOCK_ACTIVATIONS = {nn.Tanh: "tanh", nn.ReLU: "relu"}
 
@@ -42,20 +42,6 @@ def mlp_block_activation(module: nn.Module) -> str | None:
     if type(first) is nn.Linear and type(second) is nn.Linear:
         return _BLOCK_ACTIVATIONS.get(type(act))
     return None
-
-
-def _with_noise(out: torch.Tensor, bias_noise) -> torch.Tensor:
-    return out if bias_noise is None else out + bias_noise.view(bias_noise.shape[0], 1, -1)
-
-
-def perturbed_mlp_reference(x, layer1, layer2, activation="tanh", shared=True, bias_noise=(None, None)):
-    """Plain torch: ``layer = (W, b, A_scaled, B)``; ``x`` shared ``(M, in)`` or per member
-    ``(N, M, in)`` -> ``(N, M, out)``; ``bias_noise`` optional ``(N, hidden)``, ``(N, out)``."""
-    W1, b1, A1, B1 = layer1
-    W2, b2, A2, B2 = layer2
-    h = _with_noise(linear.perturbed_linear(x, W1, b1, A1, B1, shared=shared), bias_noise[0])
-    h = ACTIVATIONS[activation](h)
-    return _with_noise(linear.perturbed_linear(h, W2, b2, A2, B2, shared=False), bias_noise[1])
 
 
 if triton is not None:
@@ -231,22 +217,19 @@ if triton is not None:
         "EVEN_M": lambda a: a["M"] % a["BM"] == 0, "EVEN_H": lambda a: a["H"] % a["HC"] == 0,
     })(_mlp_shared_kernel)
 
-    _mlp_shared_kernel_tuned = triton.autotune(
-        configs=[
+    _mlp_shared_kernel_tuned = _autotune(
+        [
             triton.Config({"BM": bm, "MEMBERS": mem, "HC": hc}, num_warps=w, num_stages=1, maxnreg=reg)
             for bm, mem, hc, w, reg in ((64, 8, 64, 4, 128), (64, 16, 64, 4, 112), (64, 32, 64, 4, 128),
                                         (64, 8, 32, 4, 80), (128, 16, 64, 8, 112), (32, 16, 32, 4, None))
         ],
         key=["N", "M", "H", "O", "R", "H16"],
-        prune_configs_by={"early_config_prune": _fit_chunks},
+        prune=_fit_chunks,
     )(_mlp_shared_even)
 
     # tile height and warps chosen per shape on the GPU (the interpreter runs one fixed config)
-    _mlp_kernel_tuned = triton.autotune(
-        configs=[
-            triton.Config({"BM": bm}, num_warps=w, num_stages=st)
-            for bm, w in ((16, 4), (32, 4), (32, 8), (64, 8)) for st in (1,)
-        ],
+    _mlp_kernel_tuned = _autotune(
+        [triton.Config({"BM": bm}, num_warps=w, num_stages=1) for bm, w in ((16, 4), (32, 4), (32, 8), (64, 8))],
         key=["M", "H", "O", "R"],
     )(_mlp_kernel)
 
@@ -272,19 +255,23 @@ def _cpu_shared(x: torch.Tensor, shared: bool) -> bool:
     return shared and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.shape[-2] > 0
 
 
-def _project(x, B, shared, half=None):
-    """``x_i B_i`` as an ``(N, M, R)`` view: one GEMM for a shared input, a bmm otherwise. ``half``: ``B``'s
-    one-row-per-pair copy ``(D, N/2, R)`` (``noise.antithetic_half``), giving one ``x B`` per pair."""
+def _project(x, B, shared, B_pair=None):
+    """``x_i B_i`` as an ``(N, M, R)`` view: one GEMM for a shared input, a bmm otherwise. ``B_pair``: the
+    pairs' ``(D, N/2, R)`` (``Pairs.B_pair``), giving one ``x B`` per pair: ``(N/2, M, R)``."""
     N, D, R = B.shape
     if shared:
-        mat = B.permute(1, 0, 2).reshape(D, N * R) if half is None else half.view(D, -1)
+        mat = B.permute(1, 0, 2).reshape(D, N * R) if B_pair is None else B_pair.view(D, -1)
         return (x @ mat).view(x.shape[0], -1, R).transpose(0, 1)
     return torch.bmm(x, B)
 
 
-def _fused(x, layer1, layer2, activation, shared, bias_noise, config=None, h16=True, resident=None, twin=None):
-    W1, b1, A1, B1 = layer1
-    W2, b2, A2, B2 = layer2
+def _fused(x, layer1, layer2, activation, shared, bias_noise):
+    """The Triton kernels. Pinned choices (``kernels.fast._triton.pinned``, tests and sweeps): ``resident``
+    (True/False instead of ``resident_fits``), ``config`` (launch options of the kernel that runs),
+    ``h16`` (False: the streaming kernel's second layer in TF32)."""
+    W1, b1, factors1 = mlp_layer(layer1)
+    W2, b2, factors2 = mlp_layer(layer2)
+    (A1, B1), (A2, B2) = factors1, factors2
     N, H, R = A1.shape
     M, O = x.shape[-2], W2.shape[0]
     base = F.linear(x, W1, b1).contiguous()  # (M, H) once when shared, else (N, M, H)
@@ -294,15 +281,15 @@ def _fused(x, layer1, layer2, activation, shared, bias_noise, config=None, h16=T
     B2 = B2 if B2.stride(2) == 1 else B2.contiguous()  # any member / hidden strides (antithetic's layout)
     out = torch.empty(N, M, O, device=x.device, dtype=x.dtype)
     tf32 = torch.backends.cuda.matmul.allow_tf32  # as torch's own matmuls
+    resident = _pinned_choice("resident")
     if resident is None:
         resident = shared and resident_fits(M, H, O, R, activation, tf32, bn1 is not None)
     if resident:  # base rows and W2ᵀ stay in registers; members stream through
-        paired, half = antithetic_half(B1)
-        half = half if paired else None  # one x B1 per antithetic pair: half the GEMM
-        # ±A1 and a paired B2 too: one layer-1 product per pair, one B2 load per pair
-        twin = (half is not None and bn1 is None and antithetic_half(A1)[0] and antithetic_half(B2)[0]
-                and twin is not False)
-        return launch_resident(base, _project(x, B1, True, half), A1, bn1, W2, b2, B2, A2, bn2, out, config, twin)
+        pairs1 = factors1 if isinstance(factors1, Pairs) else None  # one x B1 per pair: half the GEMM
+        xb = _project(x, B1, True, None if pairs1 is None else pairs1.B_pair)
+        # both layers in pairs and no layer-1 bias noise: one layer-1 product and one B2 load per pair
+        twin = pairs1 is not None and bn1 is None and isinstance(factors2, Pairs)
+        return launch_resident(base, xb, A1, bn1, W2, b2, B2, A2, bn2, out, twin)
     BH, BR = _pow2(H), _pow2(R)
     interpreted = _interpreted()
     flags = dict(ACT=_ACT_CODE[activation], HAS_BN1=bn1 is not None, HAS_BN2=bn2 is not None,
@@ -315,16 +302,17 @@ def _fused(x, layer1, layer2, activation, shared, bias_noise, config=None, h16=T
 
     if shared and O + R <= 64:  # members stream through a program's rows; its outputs are one tile
         grid = lambda meta: (triton.cdiv(N, meta["MEMBERS"]) * triton.cdiv(M, meta["BM"]),)  # noqa: E731
-        fixed = dict(BM=32, MEMBERS=4, num_warps=4, HC=min(32, BH)) if interpreted else (config or {})
+        fixed = dict(BM=32, MEMBERS=4, num_warps=4, HC=min(32, BH)) if interpreted else _pinned_choice("config", {})
         fast_tanh = tf32 and activation == "tanh" and not interpreted
+        h16 = fast_tanh and _pinned_choice("h16", True)
         BC = _pow2(O + R)
         w2t = F.pad(W2.t(), (0, BC - O))  # (H, BC): W2ᵀ, zero columns from O on
         (_mlp_shared_even if fixed else _mlp_shared_kernel_tuned)[grid](
-            *pointers(w2t), N, M, H, O, R, *strides, FAST_TANH=fast_tanh, BC=BC, H16=fast_tanh and h16,
+            *pointers(w2t), N, M, H, O, R, *strides, FAST_TANH=fast_tanh, BC=BC, H16=h16,
             **flags, **fixed)
         return out
     grid = lambda meta: (N, triton.cdiv(M, meta["BM"]))  # noqa: E731
-    fixed = dict(BM=32, num_warps=4) if interpreted else {}
+    fixed = dict(BM=32, num_warps=4) if interpreted else _pinned_choice("config", {})
     (_mlp_kernel if fixed else _mlp_kernel_tuned)[grid](  # one member's rows per program
         *pointers(W2.contiguous()), M, H, O, R, 0 if shared else base.stride(0), *strides, BH=BH, BO=_pow2(O),
         **flags, **fixed)
@@ -333,8 +321,8 @@ def _fused(x, layer1, layer2, activation, shared, bias_noise, config=None, h16=T
 
 def _fused_rows(x, layer1, layer2, activation, bias_noise):
     """Per-member input with one row each: ``x (N, 1, D)``; members are the tile rows."""
-    W1, b1, A1, B1 = layer1
-    W2, b2, A2, B2 = layer2
+    W1, b1, (A1, B1) = mlp_layer(layer1)
+    W2, b2, (A2, B2) = mlp_layer(layer2)
     N, H, R = A1.shape
     D, O = x.shape[-1], W2.shape[0]
     x = x.reshape(N, D).contiguous()
@@ -361,8 +349,9 @@ def perturbed_mlp(x, layer1, layer2, activation="tanh", shared=True, bias_noise=
 
     Args:
         x: shared input ``(M, in)`` (``shared=True``) or per member ``(N, M, in)``.
-        layer1, layer2: ``(W, b, A_scaled, B)`` with ``W (out, in)``, ``b (out,)`` or ``None``,
-            ``A_scaled (N, out, r)``, ``B (N, in, r)``.
+        layer1, layer2: ``(W, b, factors)`` with ``W (out, in)``, ``b (out,)`` or ``None`` and ``factors``
+            a ``noise.Pairs`` or any ``(A_scaled (N, out, r), B (N, in, r))``; or flat ``(W, b, A_scaled, B)``.
+            ``Pairs`` in both layers let the CUDA kernel run one layer-1 product per antithetic pair.
         activation: ``"tanh"``, ``"relu"`` or ``"identity"``.
         bias_noise: optional full-rank bias noise ``((N, hidden) or None, (N, out) or None)``.
     Returns:
@@ -370,15 +359,14 @@ def perturbed_mlp(x, layer1, layer2, activation="tanh", shared=True, bias_noise=
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"Unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
+    layer1, layer2 = mlp_layer(layer1), mlp_layer(layer2)
     if x.dim() == (2 if shared else 3) and fused_mlp_available(x, layer1[0].shape[0]):
-        hidden, rank = layer1[0].shape[0], layer1[2].shape[2]
+        hidden, rank = layer1[0].shape[0], layer1[2][0].shape[2]
         if not shared and x.shape[1] == 1:  # one row per member (RL): members become tile rows
             if x.shape[2] <= 64 and hidden <= 1024 and rank <= 16 and layer2[0].shape[0] <= 16:
                 return _fused_rows(x, layer1, layer2, activation, bias_noise)
             return perturbed_mlp_reference(x, layer1, layer2, activation, shared, bias_noise)
         return _fused(x, layer1, layer2, activation, shared, bias_noise)
     if x.dim() == 2 and _cpu_shared(x, shared):  # chunked through the CPU caches
-        from ..cpu_mlp import perturbed_mlp_cpu  # here: cpu_mlp imports this module
-
         return perturbed_mlp_cpu(x, layer1, layer2, activation, shared, bias_noise)
     return perturbed_mlp_reference(x, layer1, layer2, activation, shared, bias_noise)

@@ -4,7 +4,7 @@ A persistent program keeps its 64 rows of ``x W1ᵀ + b1`` (float16) and ``W2ᵀ
 its share of the population through them, so per member only the factors are read.
 ``_mlp_resident_kernel`` takes one member at a time; ``_mlp_twin_kernel`` one antithetic pair (members
 ``2k``, ``2k + 1`` sharing ``B1_k``, ``B2_k`` and carrying ``±A1_k``), one layer-1 product for both.
-Their plain-torch twin is ``mlp.perturbed_mlp_reference`` (the tests compare both against float64).
+Their plain-torch twin is ``kernels.mlp.perturbed_mlp_reference`` (the tests compare both against float64).
 """
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from ._triton import activate as _activate
+from ._triton import autotune as _autotune
 from ._triton import interpreted as _interpreted
+from ._triton import pinned_choice as _pinned_choice
 from ._triton import pow2 as _pow2
 from ._triton import tanh_f16x2 as _tanh_f16x2
 from ._triton import tl, triton
@@ -291,11 +293,10 @@ if triton is not None:
     })
     _mlp_twin_even = _even(_mlp_twin_kernel)
 
-    # the best four of a 16-config sweep (H200, run X): 0.200-0.202 ms for the whole MNIST-step call
-    # against 0.214 ms for one layer-1 product per member; at 232 registers nothing spills (two
-    # programs an SM), at 168 or 128 the spills cost about as much as the extra programs win
-    _mlp_twin_tuned = triton.autotune(
-        configs=[
+    # the best four of a sweep on the MNIST step's shapes (benchmarks/RESULTS.md, run X): at 232 registers
+    # nothing spills (two programs an SM); at 168 or 128 the spills cost about what the extra programs win
+    _mlp_twin_tuned = _autotune(
+        [
             triton.Config({"PER_SM": per_sm, "LOOKAHEAD": ahead}, num_warps=4, num_stages=stages, maxnreg=reg)
             for per_sm, stages, reg, ahead in ((2, 3, 232, True), (2, 3, 232, False), (3, 2, 168, False),
                                                (4, 3, 128, False))
@@ -305,13 +306,12 @@ if triton is not None:
 
     _mlp_resident_even = _even(_mlp_resident_kernel)
 
-    # programs per SM, register cap, pipeline stages: the best three of a 40-config sweep on the MNIST
-    # step's shapes (H200, run U in benchmarks/RESULTS.md). Two or three stages load the next member's
-    # factors during this one's math; 168 registers hold the resident rows (64 registers) and W2ᵀ
-    # with three programs per SM; the lookahead overlaps one chunk's tensor-core product with the
-    # previous chunk's tanh (0.233 against 0.237-0.251 ms without)
-    _mlp_resident_tuned = triton.autotune(
-        configs=[
+    # programs per SM, register cap, pipeline stages: the best three of a sweep on the MNIST step's shapes
+    # (benchmarks/RESULTS.md, run U). Two or three stages load the next member's factors during this
+    # one's math; 168 registers hold the resident rows (64 registers) and W2ᵀ with three programs per
+    # SM; the lookahead overlaps one chunk's tensor-core product with the previous chunk's tanh
+    _mlp_resident_tuned = _autotune(
+        [
             triton.Config({"PER_SM": per_sm, "LOOKAHEAD": True}, num_warps=4, num_stages=stages, maxnreg=168)
             for per_sm, stages in ((3, 3), (3, 2), (6, 2))
         ],
@@ -329,12 +329,12 @@ def resident_fits(M, H, O, R, activation, tf32, has_bn1) -> bool:
     return activation == "tanh" and tf32 and H <= 256 and O <= 32 and R + has_bn1 <= 16 and M >= _RESIDENT_BM
 
 
-def launch_resident(base, xb, A1, bn1, W2, b2, B2, A2, bn2, out, config=None, twin=False):
+def launch_resident(base, xb, A1, bn1, W2, b2, B2, A2, bn2, out, twin=False):
     """Write ``out (N, M, O)`` for the shared ``base (M, H)`` and ``xb`` (``x B1``: ``(N, M, R)``, or
     ``(N/2, M, R)``, one per antithetic pair). ``twin``: the factors are antithetic pairs (``A1`` negated,
-    ``B2`` repeated within a pair; ``xb`` one per pair) and there is no layer-1 bias noise. ``config``:
-    fixed launch options instead of the autotuned ones (sweeps, tests). Inputs beyond float16's range
-    (``|x B1|`` or a base entry over 65504) saturate like the tanh they feed."""
+    ``B2`` repeated within a pair; ``xb`` one per pair) and there is no layer-1 bias noise. A pinned
+    ``config`` (``kernels.fast._triton.pinned``) replaces the autotuned launch options. Inputs beyond
+    float16's range (``|x B1|`` or a base entry over 65504) saturate like the tanh they feed."""
     N, H, R = A1.shape
     M, O = base.shape[0], W2.shape[0]
     pair = N // xb.shape[0]  # 1, or 2: x B1 per antithetic pair
@@ -349,7 +349,7 @@ def launch_resident(base, xb, A1, bn1, W2, b2, B2, A2, bn2, out, config=None, tw
         return (row_tiles * max(1, min(units, sms * meta["PER_SM"] // row_tiles)),)
 
     interpreted = _interpreted()
-    fixed = config or ({"PER_SM": 2, "LOOKAHEAD": True, "num_warps": 4} if interpreted else {})
+    fixed = _pinned_choice("config") or ({"PER_SM": 2, "LOOKAHEAD": True, "num_warps": 4} if interpreted else {})
     sizes = (N, M, H, O, xb.stride(0), xb.stride(1), A1.stride(0), A2.stride(0), B2.stride(0), B2.stride(1),
              out.stride(0))
     flags = dict(HAS_BN2=bn2 is not None, FAST=not interpreted, BM=_RESIDENT_BM, HC=HC, NC=triton.cdiv(H, HC), BO=BO,

@@ -1,39 +1,21 @@
-"""Low-rank antithetic noise: factors from a user generator, or regenerated from a key.
+"""The draws: pair factors from a user's generator, or regenerated from a key (SPEC §6).
 
-Layout (SPEC §2): members ``2k`` and ``2k+1`` share one draw ``(A_k, B_k)``; member ``2k`` gets
-``+A_k`` and member ``2k+1`` gets ``-A_k``. ``A_scaled`` carries sign and ``sigma / sqrt(rank)``;
-``B`` carries neither.
-
-Keyed noise (SPEC §6) is a pure function of ``(seed, step, param, pair)``: pairs are grouped in
-blocks of ``block_pairs`` and each block is drawn from its own ``torch.Generator`` seeded with a
-splitmix64 hash of ``(seed, step, param, block)``. A slice of pairs (a chunk, a distributed rank)
-is rebuilt by drawing only the blocks that cover it, so its numbers do not depend on how the
-population was sliced.
+Keyed noise is a pure function of ``(seed, step, param, pair)``: pairs are grouped in blocks of
+``block_pairs`` and each block is drawn from its own ``torch.Generator`` seeded with a splitmix64
+hash of ``(seed, step, param, block)``. A slice of pairs (a chunk, a distributed rank) is rebuilt by
+drawing only the blocks that cover it, so its numbers do not depend on how the population was sliced.
 """
 from __future__ import annotations
 
-import math
-
 import torch
-
-from .kernels.fast.pairs import (
-    antithetic_half,
-    layout_kernels_available,
-    mark_pairs,
-    pair_rows,
-    signed_pairs,
-)
 
 __all__ = [
     "DEFAULT_BLOCK_PAIRS",
-    "antithetic",
-    "antithetic_pairs",
-    "antithetic_half",
     "draw_pair_factors",
     "keyed_pair_factors",
     "keyed_pair_normals",
-    "noise_key",
     "noise_dtype",
+    "noise_key",
 ]
 
 DEFAULT_BLOCK_PAIRS = 256
@@ -78,48 +60,6 @@ def draw_pair_factors(
     A = torch.randn(num_pairs, out_dim, rank, generator=generator, dtype=dtype, device=device)
     B = torch.randn(num_pairs, in_dim, rank, generator=generator, dtype=dtype, device=device)
     return A, B
-
-
-def antithetic_pairs(
-    A: torch.Tensor, B: torch.Tensor, sigma: float, rank: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Interleave pair factors into a population: ``(A_scaled, B)`` of ``antithetic``, without ``A_signed``.
-
-    ``A (P, m, r)`` -> ``A_scaled (2P, m, r)`` = ``s_i * sigma / sqrt(r) * A`` with
-    ``s = (+1, -1, +1, -1, ...)``; ``B (P, n, r)`` -> ``(2P, n, r)``, a view of an ``(n, 2P, r)``
-    buffer: ``B.permute(1, 0, 2).reshape(n, 2P * r)`` is then free, which is how the shared-input
-    projection ``x @ B`` and the gradient GEMM read it.
-    """
-    scale = sigma / math.sqrt(rank)
-    if A.dtype != torch.float64 and layout_kernels_available(A):  # one pass on CUDA, the same values
-        A_scaled = signed_pairs(A, scale)
-    else:
-        A_scaled = torch.stack((A, -A), dim=1).flatten(0, 1).mul_(scale)
-    return mark_pairs(A_scaled, None), _pair_rows(B)
-
-
-def antithetic(
-    A: torch.Tensor, B: torch.Tensor, sigma: float, rank: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``antithetic_pairs`` plus ``A_signed (2P, m, r)`` = ``s_i * A`` (the seed API returns it):
-    ``(A_scaled, A_signed, B)``."""
-    A_signed = torch.stack((A, -A), dim=1).flatten(0, 1)  # (2P, m, r)
-    return mark_pairs(A_signed * (sigma / math.sqrt(rank)), None), A_signed, _pair_rows(B)
-
-
-def _pair_rows(B: torch.Tensor) -> torch.Tensor:
-    """``B (P, n, r)`` -> ``(2P, n, r)`` with members ``2k`` and ``2k + 1`` sharing ``B_k``, stored ``(n, 2P, r)``.
-
-    On CUDA a Triton transpose-copy writes each pair's two rows at once and, in the same pass, the
-    ``(n, P, r)`` copy that ``antithetic_half`` hands out (35 µs for the MNIST step's 2048 x 784 x 4 on
-    an H200; torch's strided copy of the two rows alone took 48 µs); elsewhere torch copies."""
-    P, n, r = B.shape
-    if layout_kernels_available(B):
-        B_pop, half = pair_rows(B, half=True)
-        return mark_pairs(B_pop.view(n, 2 * P, r).permute(1, 0, 2), half)
-    B_pop = B.new_empty(n, P, 2, r)
-    B_pop.copy_(B.permute(1, 0, 2).unsqueeze(2).expand(n, P, 2, r))
-    return mark_pairs(B_pop.view(n, 2 * P, r).permute(1, 0, 2), None)
 
 
 def keyed_pair_normals(

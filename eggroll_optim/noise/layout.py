@@ -1,31 +1,30 @@
-"""Antithetic layouts in one pass each (Triton on CUDA; the callers keep torch for everything else):
+"""Antithetic layouts in one Triton pass each (CUDA, or Triton's interpreter); callers keep torch elsewhere:
 
 - ``pair_rows``: pair factors ``B (P, n, r)`` -> population ``(n, P, 2, r)``, each pair's row written
-  for both of its members (``noise._pair_rows``);
+  for both of its members, and in the same pass the ``(n, P, r)`` copy with one row per pair
+  (``noise.antithetic_pairs``: ``Pairs.B`` and ``Pairs.B_pair``);
 - ``signed_pairs``: ``A (P, m, r)`` -> ``(P, 2, m, r)`` = ``(scale A_p, -scale A_p)``
   (``noise.antithetic_pairs``), the values of torch's stack-then-scale bit for bit (not float64:
   Triton passes the scale as float32, where torch multiplies float64 by the double);
-- ``mark_pairs`` / ``antithetic_half``: the note that lets the kernels use that pairing (and ``B``'s
-  one-row-per-pair copy) on factors ``noise`` made, and only while it still holds;
-- ``scaled_transpose``: ``A (N, m, r)``, ``f (N,)`` -> ``(m, N, r)`` = ``f_n A_n`` (the gradient GEMM's
-  left operand, ``kernels.gradient``; for an antithetic population, the pairs' ``+`` members and the
-  fitness differences).
+- ``scaled_transpose``: ``A (N, m, r)``, ``f (N,)`` -> ``(m, N, r)`` = ``f_n A_n``, and
+  ``pair_scaled_transpose``: ``A (P, m, r)``, ``f (2P,)`` -> ``(m, P, r)`` = ``(f_2p - f_2p+1) A_p``: the
+  left operand of the gradient's GEMM (``kernels.gradient``), over members or over pairs.
+
+Every one is a transpose-copy: a tile is read along ``(i, r)`` and written along ``(p, r)``.
 """
 from __future__ import annotations
 
 import torch
 
-from ._triton import interpreted as _interpreted
-from ._triton import pow2 as _pow2
-from ._triton import tl, triton
+from .._triton import interpreted as _interpreted
+from .._triton import pow2 as _pow2
+from .._triton import tl, triton
 
 __all__ = [
-    "antithetic_half", "layout_kernels_available", "mark_pairs", "pair_rows", "pair_scaled_transpose",
-    "scaled_transpose", "signed_pairs",
+    "layout_kernels_available", "pair_rows", "pair_scaled_transpose", "scaled_transpose", "signed_pairs",
 ]
 
-_BP, _BI = 16, 16  # pairs x rows of a transpose tile: the best uniform tile of a sweep (H200, run W): the MNIST
-# step's B1 pairs (2048 x 784 x 4) with the per-pair copy 54 -> 35 µs, B2 19 -> 14, the gradient's f·A 16 -> 11
+_BP, _BI = 16, 16  # pairs x rows of a transpose tile (square: the reads and the writes coalesce alike)
 _BLOCK = 4096  # values a program for signed_pairs
 
 if triton is not None:
@@ -105,8 +104,7 @@ def _transpose(src: torch.Tensor, copies: int, scale: torch.Tensor | None, out_d
 
 def pair_rows(B: torch.Tensor, half: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``B (P, n, r)`` contiguous -> ``(n, P, 2, r)`` with ``[:, p, 0]`` and ``[:, p, 1]`` both ``B[p]ᵀ``;
-    ``half=True`` also returns ``(n, P, r)``, one copy per pair (the same pass: ``x B`` and the gradient
-    of an antithetic population read half the bytes through it)."""
+    ``half=True`` also returns ``(n, P, r)``, one copy per pair, written in the same pass."""
     return _transpose(B, 2, None, B.dtype, half)
 
 
@@ -134,43 +132,3 @@ def signed_pairs(A: torch.Tensor, scale: float) -> torch.Tensor:
     out = A.new_empty(P, 2, *A.shape[1:])
     _signed_pairs_kernel[(triton.cdiv(P * L, _BLOCK),)](A, out, P * L, L, float(scale), BLOCK=_BLOCK, num_warps=4)
     return out.flatten(0, 1)
-
-
-def mark_pairs(t: torch.Tensor, half: torch.Tensor | None) -> torch.Tensor:
-    """Note on ``t`` (a fresh antithetic ``A_scaled`` or ``B`` from ``noise``) that its members come in
-    pairs, with what ``antithetic_half`` checks before trusting it: ``t``'s version counter and data
-    pointer, and whether it was made while a CUDA graph was being captured."""
-    try:
-        t._eggroll_pairs = (t._version, t.data_ptr(), _capturing(t), half)
-    except RuntimeError:  # inference-mode tensors keep no version counter: no note, the generic paths
-        pass
-    return t
-
-
-def _capturing(t: torch.Tensor) -> bool:
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
-
-
-def antithetic_half(t: torch.Tensor) -> tuple[bool, torch.Tensor | None]:
-    """``(paired, half)`` for a tensor made by ``noise.antithetic_pairs``/``noise.antithetic`` and not changed since:
-    ``paired`` when members ``2k`` and ``2k + 1`` are a pair (``A_scaled``: rows negated; ``B``: rows
-    equal); for such a ``B`` on CUDA, ``half`` is its ``(n, P, r)`` copy with one row per pair, so ``x B``
-    and the gradient read half the bytes. ``(False, None)`` for anything else.
-
-    "Not changed" is what torch can see: an in-place op (the version counter) or a new storage (the data
-    pointer). Writes that bypass both (through ``.data``, or a DLPack/NumPy alias) are not seen: do not
-    edit the factors that way, or ``clone()`` them first (a copy carries no note). While a CUDA graph is
-    being captured, only factors made inside that capture count: the graph then redraws them, and their
-    per-pair copy, at every replay, whereas factors captured as inputs may be refilled between replays."""
-    note = getattr(t, "_eggroll_pairs", None)
-    if note is None:
-        return False, None
-    version, ptr, captured, half = note
-    try:
-        if t._version != version or t.data_ptr() != ptr:
-            return False, None
-    except RuntimeError:
-        return False, None
-    if _capturing(t) and not captured:
-        return False, None
-    return True, half

@@ -14,6 +14,13 @@ from eggroll_optim.kernels.mlp import mlp_layer
 
 triton = pytest.importorskip("triton")
 
+
+@pytest.fixture(autouse=True)
+def _first_config_only(monkeypatch):
+    """Autotuned kernels compile their first config alone (``kernels.fast._triton.autotune``): the tests check
+    numbers, not speed, and the whole config lists cost minutes of compiling on a GPU."""
+    monkeypatch.setenv("EGGROLL_AUTOTUNE", "first")
+
 CASES = [(20, 30, 40, 10, 6, 4, "tanh"), (70, 16, 32, 3, 20, 1, "relu"), (5, 8, 17, 2, 2, 8, "identity"),
          (3, 4, 256, 2, 34, 4, "tanh"), (4, 8, 16, 70, 3, 2, "tanh"),
          (64, 12, 64, 5, 6, 2, "tanh")]  # tiles that divide M and H: the unmasked (EVEN) kernel variant
@@ -277,3 +284,19 @@ def test_autotune_prune_caps_hidden_chunks_and_drops_duplicates():
     assert {(c.kwargs["BM"], c.maxnreg) for c in kept} == {(64, 128), (32, None)}
     assert [c.kwargs["HC"] for c in _fit_chunks(configs, {"H": 256})] == [64, 32, 32]
 
+
+def test_autotune_first_keeps_the_first_config(monkeypatch):
+    """``EGGROLL_AUTOTUNE=first`` narrows every autotuned kernel to one config (after its own prune)."""
+    from eggroll_optim.kernels.fast import mlp, resident
+
+    monkeypatch.delenv("EGGROLL_AUTOTUNE")
+    tuners = [mlp._mlp_shared_kernel_tuned, mlp._mlp_kernel_tuned, resident._mlp_twin_tuned,
+              resident._mlp_resident_tuned]
+    whole = [len(t.early_config_prune(t.configs, {"H": 256})) for t in tuners]
+    assert whole == [len(t.configs) for t in tuners] and min(whole) > 1
+    monkeypatch.setenv("EGGROLL_AUTOTUNE", "first")
+    for t in tuners:
+        kept = t.early_config_prune(t.configs, {"H": 20})
+        assert len(kept) == 1 and kept[0].kwargs.get("BM") == t.configs[0].kwargs.get("BM")
+    assert mlp._mlp_shared_kernel_tuned.early_config_prune(mlp._mlp_shared_kernel_tuned.configs, {"H": 20})[0].kwargs[
+        "HC"] == 32  # the kernel's own prune ran first: chunks no wider than the layer

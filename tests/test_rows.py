@@ -40,9 +40,11 @@ def rel(a, b):
     return ((a.double().cpu() - b).norm() / b.norm()).item()
 
 
-def check_all(device="cpu", dtype=torch.float32, tol=5e-6):
+def check_all(device="cpu", dtype=torch.float32, tol=5e-6, cases=range(len(CASES))):
     g = torch.Generator().manual_seed(11)
     for i, (N, D, O, R) in enumerate(CASES):
+        if i not in cases:
+            continue
         x = torch.randn(N, D, generator=g).to(device, dtype)
         W = (torch.randn(O, D, generator=g) / math.sqrt(D)).to(device, dtype)
         b = torch.randn(O, generator=g).to(device, dtype) if i % 2 else None
@@ -194,7 +196,8 @@ def test_counter_normals_follow_their_definition():
 def test_rows_kernels_on_cuda():
     check_all("cuda", torch.float32, tol=1e-5)
     check_linear_rows_cuda()
-    check_all("cuda", torch.bfloat16, tol=1.5e-2)
+    # bfloat16 changes the loads and stores, not the blocks: a partial block, a whole one, ranks 1 and 4
+    check_all("cuda", torch.bfloat16, tol=1.5e-2, cases=(0, 1, 7))
 
 
 @pytest.mark.cuda

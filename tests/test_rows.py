@@ -200,6 +200,22 @@ def test_rows_kernels_on_cuda():
     check_all("cuda", torch.bfloat16, tol=1.5e-2, cases=(0, 1, 7))
 
 
+def test_counter_noise_steps_through_pairs():
+    """The documented route to a gradient on the counter noise: its factors as ``Pairs``, into ``es_gradient``."""
+    from eggroll_optim.kernels import es_gradient
+    from eggroll_optim.noise import Pairs, antithetic_pairs
+
+    N, D, O, R, sigma = 6, 9, 5, 2, 0.4
+    pairs = antithetic_pairs(*counter_pair_factors(77, 0, N // 2, O, D, R), sigma, R)
+    A, B = counter_pair_factors(77, 0, N // 2, O, D, R)
+    f = torch.randn(N, generator=torch.Generator().manual_seed(2))
+    signs = torch.tensor([1.0, -1.0] * (N // 2), dtype=torch.float64)
+    expected = sum(f[i].double() * signs[i] * sigma / math.sqrt(R) * A[i // 2].double() @ B[i // 2].double().T
+                   for i in range(N)) / math.sqrt(N)
+    assert isinstance(pairs, Pairs)
+    assert rel(es_gradient(f, pairs), expected) < 1e-5
+
+
 @pytest.mark.cuda
 def test_counter_kernels_with_and_without_pdl_eager_and_graphed():
     """The two-launch counter path (programmatic dependent launch on sm_90+) against PDL off, and

@@ -10,6 +10,18 @@ Two sources, one layout:
   rank, in the parameter's dtype (``keyed``).
 - ``antithetic_pairs`` turns ``P`` draws into the ``N = 2P`` members as ``Pairs`` (``pairs``), the
   value the kernels take: the seed's ``(A_scaled, B)`` tuple that also says which members are pairs.
+
+.. note:: The counter noise of ``kernels.fast.counter`` (Philox-4x32-7, drawn inside the rows kernel
+   of ``kernels.fast.counter_linear``, which the paper's microbenchmark runs) is not a third source
+   here and did not become the one keyed noise; it stays an optional kernel with a stream of its
+   own. (1) The functional API must draw from the user's generator, as the seed does. (2) Every
+   layer rule of the optimizer, and its gradient in ``tell``, read materialised factors: drawing
+   inside one kernel saves nothing there, and replacing the keyed noise would change every
+   trajectory for that. (3) Its CUDA kernels match its torch twin to a few 1e-5, not bit for bit
+   (hardware log/sin/cos), and it is float32 with 16-bit uniforms, where the keyed noise follows the
+   parameter's dtype (the float64 tests hold the optimizer to 1e-12). (4) Its torch twin draws over
+   15 times slower than ``torch.randn`` on a CPU. Its factors as ``Pairs``, for ``kernels.es_gradient``:
+   ``antithetic_pairs(*counter_pair_factors(seed, 0, N // 2, m, n, rank, device), sigma, rank)``.
 """
 from .keyed import (
     DEFAULT_BLOCK_PAIRS,

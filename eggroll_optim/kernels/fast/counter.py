@@ -1,5 +1,9 @@
 """Counter noise: normals that are a pure function of ``(seed, index)`` (SPEC §6), drawn where used.
 
+The noise of one optional kernel (``kernels.fast.counter_linear``), not the library's: the optimizer
+and the functional API draw through ``eggroll_optim.noise``, whose docstring says why this stream
+did not become the one keyed noise.
+
 The stream is cut into blocks of
 2048 values drawn from 256 consecutive Philox-4x32-7 counters under the 64-bit key ``seed``: value
 ``t`` of block ``c`` is lane ``t // 256`` of counter ``256 c + t % 256``. A counter's four 32-bit words

@@ -1,5 +1,8 @@
 """Perturbed linear with one input row per member and counter noise regenerated inside the kernels.
 
+An optional kernel with a noise of its own (``kernels.fast.counter``): ``EggrollOptimizer`` and the
+seed's functional API never call it (``eggroll_optim.noise`` says why it is not the library's noise).
+
 ``y_i = x_i (W + E_i)ᵀ + b`` with antithetic ``E_2p = +sigma/sqrt(r) A_p B_pᵀ = -E_2p+1`` and ``(A_p, B_p)``
 the counter noise of ``kernels.fast.counter``: cuBLAS computes ``x Wᵀ``, then one launch projects each
 pair's rows of ``x`` on ``B_p`` and a second adds ``±(x B_p) A_pᵀ`` block by block, so no noise ever
@@ -231,9 +234,11 @@ def perturbed_linear_counter(
     Member ``2p`` uses ``+sigma/sqrt(r) A_p B_pᵀ`` and ``2p + 1`` its negative, with ``(A_p, B_p)``
     from ``counter_pair_factors(seed, ...)``. ``accumulate=True`` (default): ``x Wᵀ`` first, the kernel
     adds the term in place; ``False``: the kernel writes the term and ``addmm`` accumulates ``x Wᵀ``
-    onto it (cuBLAS reading C costs more than the kernel's read-modify-write: 0.197 vs 0.172 ms
-    for the 1024 x 8192 x 8192 bf16 GEMM on an H200, ``benchmarks/sweep_kernels.py``).
-    Returns ``(N, out)`` in ``x``'s dtype.
+    onto it (on the microbenchmark's shapes cuBLAS reading C costs more than the kernel's
+    read-modify-write: ``benchmarks/sweep_kernels.py rows``). Returns ``(N, out)`` in ``x``'s dtype.
+    To estimate a gradient on this noise, rebuild it as
+    ``noise.antithetic_pairs(*counter_pair_factors(seed, 0, N // 2, out, in, rank, device), sigma, rank)``
+    for ``kernels.es_gradient`` (its values match the kernel's draws to a few 1e-5 on CUDA).
     """
     N, D = x.shape
     O = weight.shape[0]
@@ -261,9 +266,8 @@ def launch_counter_rows(x, bias, out, seed, scale, rank, accumulate, split=True,
     sums, one per chunk of ``B``'s blocks (``parts`` chunks asked, default two blocks a chunk, at most 8
     chunks; chunks are whole blocks, so fewer may come out), a second adds the term block by block, with
     a program per (pair, output block); otherwise one program per pair does both. ``num_warps`` of the
-    two launches. The defaults won a sweep of parts and warps on an H100 (2 blocks a chunk, 4 and 2
-    warps: 0.908–0.926 of ``mm`` against 0.887–0.922 for one block and 4 + 4 warps, graph replays);
-    ``benchmarks/sweep_kernels.py rows`` varies them. ``N`` even, ``rank`` a power of two <= 16, rows
+    two launches. The defaults won a sweep of parts and warps (``benchmarks/sweep_kernels.py rows``;
+    ``benchmarks/RESULTS.md``, run AH). ``N`` even, ``rank`` a power of two <= 16, rows
     of ``x``, ``out`` and ``bias`` contiguous."""
     N, D = x.shape
     if N % 2 or rank < 1 or rank & (rank - 1) or rank > 16:

@@ -8,13 +8,13 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .core import validate_hyperparameters
 from .hooks import Switch, install
 from .inner import MIRRORED, Mirror, adopted_groups, build_inner, global_step_hooks, inner_step, run_step_hooks
 from .memory import Planner
+from .options import validate_arguments
 from .plan import FULLRANK_MAX_NUMEL, make_plan
 from .population import Population, PopulationNoise
-from .shaping import SHAPINGS, resolve_shaping, shape_fitness, validate_fitness
+from .shaping import resolve_shaping, shape_checked, validate_fitness
 from .state import FORMAT, check_loadable, param_table
 
 __all__ = ["EggrollOptimizer"]
@@ -39,30 +39,61 @@ class EggrollOptimizer(torch.optim.Optimizer):
          \sigma \leftarrow \sigma \cdot \text{sigma\_decay}
        \end{aligned}
 
-    Forward hooks on every ``nn.Linear``, ``nn.Conv1d/2d``, ``nn.Embedding``, ``nn.LayerNorm``,
-    ``nn.GroupNorm`` and ``nn.RMSNorm`` inject the noise while a population is active
-    (``ask()``); otherwise the module is the plain mean model.
+    Inside ``ask()`` (and ``step``), calling ``module`` runs every member (``torch.func.vmap`` over
+    them, ``hooks.py``): a plain tensor is a batch shared by all, ``population.per_member(x)`` gives
+    member ``i`` the row ``x[i]``, and the output is ``(N, *output)``. Otherwise ``module`` is the plain
+    mean model.
 
     Args:
         module: the model; its trainable parameters are optimised unless ``params`` is given.
         params: optional iterable of parameters or param-group dicts (keys ``lr``, ``sigma``,
-            ``rank``), all owned by supported layers of ``module``.
+            ``rank``), all trainable parameters of ``module``.
         lr: learning rate of the inner optimizer. sigma: noise scale. rank: ``r``.
-        population_size: ``N`` (even). chunk_size: evaluate ``N`` members in chunks of this many.
-        seed: noise seed. optimizer: inner ``torch.optim`` class or factory ``params -> Optimizer``
-            (default ``SGD(lr)``: exactly the seed's ``W <- W + lr g``).
-        fitness_shaping: ``"zscore"``, ``"centered_rank"``, ``"none"`` or a callable.
+        population_size: ``N`` (even). seed: noise seed.
+        optimizer: the inner ``torch.optim`` optimizer that takes the step: a class, a factory
+            ``param_groups -> Optimizer``, or an instance built on exactly the evolved parameters
+            (adopted with its groups and ``lr``). Default ``SGD(lr)``: the seed's ``W <- W + lr g``.
+        fitness_shaping: ``"zscore"``, ``"centered_rank"``, ``"none"`` or a callable (float16/bfloat16
+            fitness is shaped in float32).
         sigma_decay: ``sigma <- sigma * sigma_decay`` after every step.
         evolve_biases: also evolve biases and norm affine parameters (full-rank noise).
+        chunk_size: ``"auto"`` (default; ``None`` says the same): the population is one chunk, and each
+            call of the model runs its members in pieces that fit ``max_memory`` (``memory.py``); or an
+            even integer: iterate ``population.chunks()``, one call of the model per chunk.
+        max_memory: the budget of ``"auto"``: bytes (> 1) or a fraction of the free memory (default
+            0.5). The split never changes a member's output.
         nan_policy: ``"raise"`` or ``"worst"`` for NaN/inf fitness.
-        unsupported: ``"raise"`` or ``"freeze"`` (warn and leave out) for trainable parameters
-            of layers the hooks cannot perturb.
+        unsupported: ``"raise"`` or ``"freeze"`` (warn and leave out) for large trainable matrices
+            that no layer rule reads.
         reuse_noise: use the step-0 noise at every step (off by default).
         noise_block: pairs drawn from one keyed generator (default ``min(N/2, 4096)``); part of
             the noise definition, so keep it when resuming.
+        fullrank_max_numel, fused: ``plan.py``, ``layers``. process_group, distributed_strategy,
+            check_ranks: one population over the ranks of a process group (``distributed.py``).
+
+    .. note:: Direction: ``tell(fitness)`` maximises, higher fitness is better; ``step(closure)``
+       minimises what the closure returns (a loss per member), as every ``torch.optim`` optimizer;
+       ``step(closure, maximize=True)`` maximises it.
+
+    .. note:: ``tell`` is the update (``step`` calls it): the step pre-hooks (``register_step_pre_hook``
+       and torch's global ones) run there once, after ``p.grad`` holds ``-g`` and before the inner
+       step, so ``opt.register_step_pre_hook(lambda *_: clip_grad_norm_(model.parameters(), 1.0))``
+       clips the estimate; the post-hooks run once after the step. ``lr``, ``momentum`` and ``betas``
+       of the inner optimizer are mirrored in ``param_groups`` (``inner.py``): every ``lr_scheduler``,
+       ``OneCycleLR`` and ``CyclicLR`` included, drives this optimizer; one on ``opt.inner`` works too.
 
     .. note:: Like the seed, the update direction is ``g / sqrt(N)``-scaled rather than the
        paper's ``1 / (N sigma)``; use ``lr`` accordingly.
+
+    Raises:
+        ValueError: a bad hyperparameter or option (``options.py``), a fitness of the wrong shape or
+            device, NaN/inf fitness (``nan_policy="raise"``), a closure's result of the wrong shape, a
+            ``state_dict`` of another model or format (``state.py``), an adopted optimizer holding
+            other parameters. Nothing changes: the pending population can still be told.
+        TypeError: ``module`` or ``optimizer`` of the wrong kind, a non-tensor or integer fitness, a
+            large trainable matrix no rule reads (``unsupported="raise"``).
+        RuntimeError: ``tell`` before ``ask``, ``ask`` while a population is pending (``discard()``
+            drops it), a layer whose forward never ran in the population.
     """
 
     def __init__(
@@ -91,30 +122,16 @@ class EggrollOptimizer(torch.optim.Optimizer):
         distributed_strategy: str = "auto",
         check_ranks: bool = False,
     ):
-        validate_hyperparameters(population_size, rank, sigma, lr)
-        if not sigma_decay > 0:
-            raise ValueError(f"Invalid sigma_decay: {sigma_decay} (expected > 0)")
-        auto = chunk_size is None or chunk_size == "auto"
-        if not auto and (not isinstance(chunk_size, int) or chunk_size < 2 or chunk_size % 2):
-            raise ValueError(f"Invalid chunk_size: {chunk_size!r} (expected 'auto' or an even integer >= 2)")
-        if max_memory is not None and (isinstance(max_memory, bool) or not max_memory > 0 or not auto):
-            raise ValueError(f"Invalid max_memory: {max_memory!r} (expected bytes > 1 or a fraction in (0, 1], "
-                             "with chunk_size='auto')")
-        if nan_policy not in ("raise", "worst"):
-            raise ValueError(f"Invalid nan_policy: {nan_policy!r} (expected 'raise' or 'worst')")
-        if unsupported not in ("raise", "freeze"):
-            raise ValueError(f"Invalid unsupported: {unsupported!r} (expected 'raise' or 'freeze')")
-        if fused not in (None, True, False):
-            raise ValueError(f"Invalid fused: {fused!r} (expected None, True or False)")
-        if not isinstance(module, nn.Module):
-            raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+        auto = validate_arguments(
+            module, population_size=population_size, rank=rank, sigma=sigma, lr=lr, sigma_decay=sigma_decay,
+            chunk_size=chunk_size, max_memory=max_memory, nan_policy=nan_policy, unsupported=unsupported,
+            fused=fused, noise_block=noise_block,
+        )
         self.module = module
         self.population_size = population_size
         self.chunk_size = population_size if auto else min(chunk_size, population_size)
         self._planner = Planner(max_memory) if auto else None  # members per call, from measurements
         self.seed, self.sigma_decay, self.reuse_noise = int(seed), sigma_decay, reuse_noise
-        if noise_block is not None and noise_block < 1:
-            raise ValueError(f"Invalid noise_block: {noise_block} (expected >= 1 pairs)")
         # pairs drawn per generator: fewer launches for big populations, no waste for small ones
         self.noise_block = noise_block or min(population_size // 2, MAX_BLOCK_PAIRS)
         self.nan_policy = nan_policy
@@ -250,7 +267,7 @@ class EggrollOptimizer(torch.optim.Optimizer):
         validate_fitness(fitness, members.stop - members.start, device, self.nan_policy)
         if self._group is not None:  # every rank gets the whole population's fitness
             fitness = self._group.gather_fitness(fitness)
-        shaped = self._shape(fitness)  # the NaN policy, then the shaping
+        shaped = shape_checked(fitness, self.nan_policy, self.shaping)  # the NaN policy, then the shaping
         missing = [p for p in population.noise.params if not any(m in population.fired for m in self._plan.users[p])]
         if missing:
             names = self._plan.names
@@ -286,17 +303,6 @@ class EggrollOptimizer(torch.optim.Optimizer):
             self._optimizer_step_code()
             run_step_hooks([*self._optimizer_step_post_hooks.values(), *global_step_hooks(pre=False)], self, args, {},
                            pre=False)
-
-    def _shape(self, fitness: torch.Tensor) -> torch.Tensor:
-        shaped = shape_fitness(fitness, self.nan_policy, self.shaping)
-        if self.shaping in SHAPINGS.values():  # the built-in ones are finite for finite input
-            return shaped
-        if not isinstance(shaped, torch.Tensor) or shaped.shape != fitness.shape:
-            got = tuple(shaped.shape) if isinstance(shaped, torch.Tensor) else type(shaped).__name__
-            raise ValueError(f"fitness_shaping must return a tensor of shape {tuple(fitness.shape)}, got {got}")
-        if not bool(torch.isfinite(shaped).all()):
-            raise ValueError("fitness_shaping returned NaN/inf (constant fitness divided by its std?); nothing was updated")
-        return shaped
 
     def step(self, closure: Callable[[], torch.Tensor], maximize: bool = False) -> torch.Tensor:
         """Drop-in step: ``closure()`` returns per-member losses ``(n,)``, **lower is better** (``tell``

@@ -13,8 +13,8 @@ import torch
 from .kernels.fast.zscore import fused_zscore, fused_zscore_available
 
 __all__ = [
-    "SHAPINGS", "apply_nan_policy", "centered_rank", "check_fitness", "identity", "resolve_shaping", "shape_fitness",
-    "validate_fitness", "widen", "zscore",
+    "SHAPINGS", "apply_nan_policy", "centered_rank", "check_fitness", "identity", "resolve_shaping", "shape_checked",
+    "shape_fitness", "validate_fitness", "widen", "zscore",
 ]
 
 Shaping = Callable[[torch.Tensor], torch.Tensor]
@@ -122,6 +122,20 @@ def shape_fitness(fitness: torch.Tensor, nan_policy: str, shaping: Shaping = zsc
     if nan_policy == "skip" and shaping is zscore and fused_zscore_available(fitness):
         return fused_zscore(fitness, skip_nonfinite=True)
     return shaping(apply_nan_policy(fitness, nan_policy))
+
+
+def shape_checked(fitness: torch.Tensor, nan_policy: str, shaping: Shaping) -> torch.Tensor:
+    """``shape_fitness``, and for a user's callable a check of what it returned: a finite tensor of the
+    fitness's shape (``ValueError`` otherwise; the built-in shapings are finite for finite input)."""
+    shaped = shape_fitness(fitness, nan_policy, shaping)
+    if shaping in SHAPINGS.values():
+        return shaped
+    if not isinstance(shaped, torch.Tensor) or shaped.shape != fitness.shape:
+        got = tuple(shaped.shape) if isinstance(shaped, torch.Tensor) else type(shaped).__name__
+        raise ValueError(f"fitness_shaping must return a tensor of shape {tuple(fitness.shape)}, got {got}")
+    if not bool(torch.isfinite(shaped).all()):
+        raise ValueError("fitness_shaping returned NaN/inf (constant fitness divided by its std?); nothing was updated")
+    return shaped
 
 
 def widen(fitness: torch.Tensor) -> torch.Tensor:

@@ -125,7 +125,8 @@ def test_a_budget_fraction_reads_the_free_memory():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(chunk_size="big"), "Invalid chunk_size: 'big'"), (dict(chunk_size=5), "Invalid chunk_size: 5"),
     (dict(max_memory=0), "Invalid max_memory: 0"), (dict(max_memory=-1.0), "Invalid max_memory: -1.0"),
-    (dict(max_memory=True), "Invalid max_memory: True"), (dict(chunk_size=4, max_memory=10**9), "with chunk_size='auto'"),
+    (dict(max_memory=True), "Invalid max_memory: True"),
+    (dict(chunk_size=4, max_memory=10**9), "with chunk_size='auto'"),
 ])
 def test_bad_chunk_and_memory_arguments_name_the_value(kwargs, message):
     with pytest.raises(ValueError, match=message):

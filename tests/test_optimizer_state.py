@@ -62,7 +62,8 @@ def _renamed():
     (lambda s: s["eggroll"].pop("inner"), ValueError, r"Truncated .* missing \['inner'\]"),
     (lambda s: s.pop("param_groups"), ValueError, "Truncated"),
     (lambda s: s.pop("eggroll"), ValueError, "Not an EggrollOptimizer state_dict"),
-    (lambda s: s["eggroll"].update(population_size=2 * N), ValueError, f"population_size={2 * N}, this optimizer has {N}"),
+    (lambda s: s["eggroll"].update(population_size=2 * N), ValueError,
+     f"population_size={2 * N}, this optimizer has {N}"),
     (lambda s: s["eggroll"].update(inner_type="SGD"), ValueError, "inner_type=SGD, this optimizer has Adam"),
 ])
 def test_a_bad_state_dict_is_rejected_before_anything_changes(edit, error, message):

@@ -1,8 +1,8 @@
 """``python -m eggroll_optim.recipes --experiment cartpole`` (also the ``eggroll`` console script).
 
-Experiments: ``cartpole``, ``mnist`` (= ``mnist_mlp``), ``mnist_mlp``, ``mnist_cnn``, ``hyperscale``
-and ``all`` (the four in turn, each into ``<out>/<experiment>``, then a table of their statuses and
-``<out>/summary.json``; exit 1 if any failed). Each run writes into ``--out`` (default
+Experiments: ``cartpole``, ``mnist`` (= ``mnist_mlp``), ``mnist_mlp``, ``mnist_cnn``, ``hyperscale``,
+``arithmetic`` and ``all`` (the first four in turn, each into ``<out>/<experiment>``, then a table of
+their statuses and ``<out>/summary.json``; exit 1 if any failed). Each run writes into ``--out`` (default
 ``runs/<experiment>``): ``metrics.jsonl``, ``summary.json``, ``learning_curve.png`` and
 ``checkpoint.pt``. A folder that already holds a run is never replaced: ``--resume`` continues it
 from its checkpoint with its saved configuration (``--max-epochs``, ``--device``, ``--data-dir``,
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ..core import default_device
-from . import cartpole, hyperscale, launch, mnist
+from . import arithmetic, cartpole, hyperscale, launch, mnist
 from .checkpoint import load_checkpoint
 from .checks import check_config, check_device, parse_populations
 from .errors import InputError
@@ -44,6 +44,7 @@ EXPERIMENTS = {
     "mnist_mlp": (mnist.MnistConfig, mnist.MLP, mnist.QUICK["mlp"], mnist.run),
     "mnist_cnn": (mnist.MnistConfig, mnist.CNN, mnist.QUICK["cnn"], mnist.run),
     "hyperscale": (hyperscale.HyperscaleConfig, {}, hyperscale.QUICK, hyperscale.run),
+    "arithmetic": (arithmetic.ArithmeticConfig, {}, arithmetic.QUICK, arithmetic.run),
 }
 ALIASES = {"mnist": ["mnist_mlp"], "all": ["cartpole", "mnist_mlp", "mnist_cnn", "hyperscale"]}
 # flags that may differ from the checkpoint's configuration on --resume
@@ -79,12 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=["sgd", "adam"], help="inner torch.optim optimizer (sgd = the seed's update)")
     p.add_argument("--max-epochs", type=int, metavar="STEPS", help="ES steps (hyperscale: timed steps per size)")
     p.add_argument("--chunk-size", type=int, metavar="N", help="evaluate the population in chunks of N (even)")
-    p.add_argument("--batch-size", type=int, metavar="B", help="MNIST minibatch per ES step")
+    p.add_argument("--batch-size", type=int, metavar="B", help="MNIST minibatch / arithmetic problems per ES step")
     p.add_argument("--train-subset", type=int, metavar="N", help="MNIST: train on the first N training images")
     p.add_argument("--data-dir", metavar="DIR",
                    help="MNIST root, never downloaded into (default: $EGGROLL_DATA_DIR, else ./data, downloaded)")
     p.add_argument("--env-backend", choices=["gymnasium", "torch"],
                    help="cartpole: gymnasium's vector env (CPU, the default) or the torch env on --device")
+    p.add_argument("--pretrain-steps", type=int, metavar="STEPS", help="arithmetic: backprop steps before ES")
+    p.add_argument("--format-reward", type=float, metavar="W",
+                   help="arithmetic: reward weight of the fraction of answer digits right (default 0.5)")
     p.add_argument("--populations", type=_populations, metavar="SIZES",
                    help="hyperscale: comma-separated even sizes, e.g. 1024,2^14")
     p.add_argument("--log-every", type=int, metavar="STEPS", help="flush metrics (one host sync) every STEPS steps")

@@ -161,15 +161,22 @@ def answer_reward(decoded: torch.Tensor, answers: torch.Tensor, format_reward: f
 
 
 def _check(cfg: ArithmeticConfig) -> None:
-    rules = {"digits": 1 <= cfg.digits <= 9, "d_model": cfg.d_model >= 1 and cfg.d_model % cfg.heads == 0,
-             "heads": cfg.heads >= 1, "layers": cfg.layers >= 1, "heldout_size": cfg.heldout_size >= 1,
-             "pretrain_steps": cfg.pretrain_steps >= 0, "pretrain_lr": cfg.pretrain_lr >= 0,
-             "pretrain_batch": cfg.pretrain_batch >= 1, "format_reward": math.isfinite(cfg.format_reward)}
-    for name, ok in rules.items():
+    """The fields only this recipe has (the CLI checks the shared ones): :class:`InputError` naming the first
+    one out of range, its value and what was expected."""
+    rules = {  # field: (in range, what was expected)
+        "digits": (1 <= cfg.digits <= 9, "an integer in [1, 9]"),
+        "heads": (cfg.heads >= 1, "an integer >= 1"),
+        "d_model": (cfg.d_model >= 1 and cfg.d_model % max(cfg.heads, 1) == 0, f"a multiple of heads ({cfg.heads})"),
+        "layers": (cfg.layers >= 1, "an integer >= 1"),
+        "heldout_size": (cfg.heldout_size >= 1, "an integer >= 1"),
+        "pretrain_steps": (cfg.pretrain_steps >= 0, "an integer >= 0"),
+        "pretrain_lr": (math.isfinite(cfg.pretrain_lr) and cfg.pretrain_lr >= 0, "a finite number >= 0"),
+        "pretrain_batch": (cfg.pretrain_batch >= 1, "an integer >= 1"),
+        "format_reward": (math.isfinite(cfg.format_reward), "a finite number"),
+    }
+    for name, (ok, expected) in rules.items():
         if not ok:
-            raise InputError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: out of range "
-                             f"(digits 1-9, d_model a multiple of heads, counts >= 1, pretrain steps >= 0, "
-                             "finite weights)")
+            raise InputError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected {expected}")
 
 
 class ArithmeticTask(Task):

@@ -15,6 +15,7 @@ import torch
 
 from eggroll_optim import EggrollOptimizer
 from eggroll_optim.recipes import arithmetic
+from eggroll_optim.recipes.__main__ import main
 from eggroll_optim.recipes.arithmetic import (PLUS, EQUALS, QUICK, AdditionTransformer, ArithmeticConfig,
                                               answer_reward, greedy_decode, make_problems)
 from eggroll_optim.recipes.runner import CHECKPOINT
@@ -90,7 +91,9 @@ def test_population_decodes_as_each_member_alone():
 
 @pytest.mark.slow
 def test_quick_run_raises_the_reward(tmp_path, one_thread):
-    summary = arithmetic.run(ArithmeticConfig(**{**QUICK, "device": "cpu"}), tmp_path, progress=False)
+    flags = ["--experiment", "arithmetic", "--quick", "--device", "cpu", "--no-progress", "--out", str(tmp_path)]
+    assert main(flags) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     pretrain = json.loads((tmp_path / "pretrain.json").read_text())
     assert [r["step"] for r in records] == list(range(QUICK["max_epochs"]))
@@ -101,6 +104,15 @@ def test_quick_run_raises_the_reward(tmp_path, one_thread):
     assert [r["step"] for r in records if "heldout_acc" in r] == [9, 19, 29]
     assert torch.load(tmp_path / CHECKPOINT, weights_only=True)["step"] == QUICK["max_epochs"]
     assert (tmp_path / "learning_curve.png").is_file() or "matplotlib" in summary["plot"]
+
+
+def test_bad_flags_are_one_line_errors(tmp_path, capsys):
+    cases = (("--pretrain-steps", "-1", "an integer >= 0"), ("--format-reward", "nan", "a finite number"))
+    for flag, value, expected in cases:
+        out = tmp_path / flag
+        assert main(["--experiment", "arithmetic", "--quick", "--device", "cpu", "--out", str(out), flag, value]) == 2
+        assert f"eggroll: error: {flag} {value}: expected {expected}" in capsys.readouterr().err
+        assert not out.exists()
 
 
 def test_resume_ends_where_an_uninterrupted_run_does(tmp_path, one_thread):

@@ -5,9 +5,10 @@ kernel), so the rule computes one member's attention itself, with the same seman
 ``q, k, v = x W_{q,k,v}ᵀ + b + (x B_i) A_i[rows]ᵀ`` (the stacked ``in_proj_weight (3E, E)`` is one
 matrix with one pair of factors; separate ``q/k/v_proj_weight`` get one each), scaled dot-product
 attention with the layer's masks, dropout and optional ``bias_k``/``bias_v``/``add_zero_attn``, then
-``out_proj`` with its own factors. On CUDA the attention itself runs in
-``F.scaled_dot_product_attention`` (batched over members by vmap); on CPU, where vmap has no
-batching rule for it, as matmul/softmax (one batched product each, never a per-member loop).
+``out_proj`` with its own factors. Without masks (or with the causal one) the attention itself is
+one ``F.scaled_dot_product_attention`` over the whole chunk (members folded into its batch);
+with other masks, or when the weights are returned, it is matmul/softmax under vmap (one batched
+product each, never a per-member loop).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .fused import logical, physical
 from .linear import lowrank_linear_term
 
 __all__ = ["check_mha", "lowrank_names", "mha_forward"]
@@ -97,14 +99,29 @@ def _mask(attn_mask, key_padding_mask, batch, heads, L, S, is_causal, dtype, dev
     return mask
 
 
-def _attend(q, k, v, mask, dropout: float, need_weights: bool, causal: bool):
+def _sdpa(call, q, k, v, dropout: float, causal: bool) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` on the whole chunk at once, outside vmap: ``(n·B, H, L, d)``.
+
+    vmap's batching rule for it has no CPU kernel (a per-member loop) and fails for some CUDA
+    backends (flash/efficient return no tensor where the rule expects one), so the members are
+    folded into SDPA's own batch dim instead."""
+    parts = [physical(t, call.level) for t in (q, k, v)]
+    n = next((t.shape[0] for t, per_member in parts if per_member), None)
+    if n is None:  # nothing perturbed before the attention: one call for every member
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal)
+    q, k, v = (t if per_member else t.expand(n, *t.shape) for t, per_member in parts)  # (n, B, H, len, d)
+    out = F.scaled_dot_product_attention(*(t.reshape(-1, *t.shape[-3:]) for t in (q, k, v)),
+                                         dropout_p=dropout, is_causal=causal)
+    return logical(out.view(*q.shape[:-1], v.shape[-1]), call.level)
+
+
+def _attend(call, q, k, v, mask, dropout: float, need_weights: bool, causal: bool):
     """``softmax(q kᵀ / sqrt(d) + mask) v`` on ``(batch, heads, L, d)``; returns ``(out, weights)``.
 
     ``causal``: the mask is the causal one (the layer's ``is_causal`` hint, as torch's MHA reads it):
-    SDPA then applies it itself. Other masks use the matmul path (SDPA's batching rule rejects a
-    mask without the member dim)."""
-    if q.is_cuda and not need_weights and (mask is None or causal):
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal), None
+    SDPA then applies it itself. Other masks, and returning the weights, use the matmul path."""
+    if not need_weights and (mask is None or causal):
+        return _sdpa(call, q, k, v, dropout, causal), None
     scores = (q / math.sqrt(q.shape[-1])) @ k.transpose(-2, -1)
     if mask is not None:
         scores = scores + mask
@@ -132,7 +149,7 @@ def mha_forward(call, m: nn.MultiheadAttention, query, key, value, key_padding_m
     mask = _mask(attn_mask, key_padding_mask, batch, heads, L, S, is_causal, q.dtype, q.device)
     split = lambda t: t.reshape(t.shape[0], batch, heads, d).permute(1, 2, 0, 3)  # (B, H, len, d)
     dropout = m.dropout if m.training else 0.0
-    out, weights = _attend(split(q), split(k), split(v), mask, dropout, need_weights, causal)
+    out, weights = _attend(call, split(q), split(k), split(v), mask, dropout, need_weights, causal)
     merged = out.permute(2, 0, 1, 3).reshape(L, batch, E)  # (L, B, E)
     out = _project(merged, m.out_proj.weight, m.out_proj.bias, (call.factors(m.out_proj.weight), slice(None)))
     if weights is not None and average_attn_weights:

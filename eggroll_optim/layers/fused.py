@@ -45,13 +45,14 @@ def mlp_block_names(block: nn.Sequential) -> tuple[str, ...]:
 
 
 def _layer(call, linear: nn.Linear):
-    """``(W, None, A (n, m, r), B (n, k, r))`` and the bias ``(n, out)`` per member (or ``None``)."""
-    A, B = call.chunk_factors(linear.weight)
+    """``(W, None, factors)`` and the bias ``(n, out)`` per member (or ``None``); ``factors`` is the chunk's
+    ``noise.Pairs`` as it is, so the fused kernel can work per antithetic pair."""
+    factors = call.chunk_factors(linear.weight)
     bias = linear.bias
     if bias is not None:
         bias, per_member = physical(bias, call.level)
-        bias = bias if per_member else bias.expand(A.shape[0], -1)
-    return (linear.weight, None, A, B), bias
+        bias = bias if per_member else bias.expand(factors[0].shape[0], -1)
+    return (linear.weight, None, factors), bias
 
 
 def _fast_input(call, block, x):

@@ -1,7 +1,6 @@
 """``EggrollOptimizer``: EGGROLL as a ``torch.optim.Optimizer`` over an ``nn.Module``."""
 from __future__ import annotations
 
-import math
 import weakref
 from typing import Callable
 
@@ -280,7 +279,7 @@ class EggrollOptimizer(torch.optim.Optimizer):
         if self._group is not None and self._group.strategy == "gradient":
             grads = self._group.sum_gradients(grads)
         for p, g in grads.items():
-            p.grad = (-g / math.sqrt(self.population_size)).to(p.dtype)
+            p.grad = (-g).to(p.dtype)
         self._update(fitness)
 
     def _update(self, fitness: torch.Tensor) -> None:

@@ -13,7 +13,7 @@ import torch
 
 from .hooks import IDLE, PerMember, Switch, run_members
 from .memory import PROBE_MEMBERS, RunningStats, call_key, concat, even_pieces, measured, tensor_bytes
-from .kernels import fullrank_gradient_sum, lowrank_gradient_sum
+from .kernels import es_gradient
 from .noise import antithetic_pairs, keyed_pair_normals, noise_dtype, noise_key
 
 __all__ = ["Chunk", "Population", "PopulationNoise"]
@@ -273,16 +273,12 @@ class Population:
         return out
 
     def gradients(self, shaped: torch.Tensor) -> dict:
-        """``{param: Σ_i f_i noise_i}`` over every chunk (divide by ``sqrt(N)`` for the estimate)."""
+        """``{param: g}``: the estimate ``(1/sqrt(N)) Σ_i f_i noise_i`` summed over every chunk of the
+        gradient's members (``kernels.es_gradient``: over pairs for the low-rank ``Pairs``)."""
         grads = {}
         for start, stop in self.ranges(self.gradient_members):
-            # members 2k, 2k+1 carry +noise, -noise: sum over pairs with f_2k - f_2k+1 (half the work)
-            f = shaped[start:stop:2] - shaped[start + 1:stop:2]
             for p, value in self._noise_for(start, stop).items():
-                if isinstance(value, tuple):
-                    g = lowrank_gradient_sum(f, value[0][::2], value[1][::2]).view(p.shape)
-                else:
-                    g = fullrank_gradient_sum(f, value[::2])
+                g = es_gradient(shaped[start:stop], value, self.size).view(p.shape)
                 grads[p] = g if p not in grads else grads[p] + g
         return grads
 

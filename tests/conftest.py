@@ -6,6 +6,7 @@ The dense references materialise every member's weight ``W + E_i`` with
 """
 from __future__ import annotations
 
+import os
 import types
 
 import pytest
@@ -13,6 +14,10 @@ import torch
 import torch.nn.functional as F
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+# CUDA tests compile each autotuned Triton kernel once (its first configuration): the suite checks
+# numbers, not launch configurations, and autotuning every case took minutes
+os.environ.setdefault("EGGROLL_AUTOTUNE", "first")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -206,8 +206,9 @@ class Population:
             raise RuntimeError("No members are active")
         start, stop = self._active
         key = call_key(args, kwargs) if self.planner is not None else None
-        probe = key is not None and not self.planner.knows(key)  # measure a first piece, then plan the rest
-        todo = [(start, min(stop, start + PROBE_MEMBERS))] if probe else self._pieces(start, stop, key)
+        # unmeasured inputs: measure a first piece, then plan the rest (nothing to plan if it is all)
+        probe = key is not None and not self.planner.knows(key) and stop - start > PROBE_MEMBERS
+        todo = [(start, start + PROBE_MEMBERS)] if probe else self._pieces(start, stop, key)
         outputs, stats, halved = [], RunningStats(root), False
         while todo:
             piece, failed, measure = todo.pop(0), False, probe and not outputs
@@ -237,7 +238,9 @@ class Population:
     def _pieces(self, start: int, stop: int, key) -> list[tuple[int, int]]:
         if start >= stop:
             return []
-        return [(start, stop)] if key is None else even_pieces(start, stop, self.planner.fit(key))
+        if key is None or not self.planner.knows(key):
+            return [(start, stop)]
+        return even_pieces(start, stop, self.planner.fit(key))
 
     def _run_piece(self, start: int, stop: int, inner, root, args, kwargs, probe_key):
         chunk = Chunk(self, start, stop, self._noise_for(start, stop), self.plan, outer=self._active)

@@ -107,6 +107,15 @@ def test_a_second_out_of_memory_in_one_call_is_raised():
     assert opt.population is None  # the failed evaluation is discarded
 
 
+def test_a_population_no_larger_than_the_probe_runs_whole_and_unmeasured():
+    model = _mlp()
+    opt = EggrollOptimizer(model, population_size=PROBE_MEMBERS)
+    with opt.ask():
+        out = model(_data()[0])
+    assert out.shape[0] == PROBE_MEMBERS and opt._planner.fits == {}  # no dispatch mode, no CUDA peak reset
+    opt.discard()
+
+
 def test_the_cpu_estimate_counts_what_a_call_allocates():
     x = torch.randn(64, 100)
     with measured(torch.device("cpu")) as m:

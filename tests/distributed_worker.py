@@ -2,7 +2,7 @@
 
 World size 1 runs without a process group: the single-process reference. Every scenario runs a few
 ES steps on a small float64 model from the same seed and saves the parameters to ``OUT/rank{R}.pt``
-(``{scenario: [tensors]}``). ``SCENARIO`` ``die`` makes rank 1 exit in the middle of a step; the
+(``{scenario: [tensors]}``); ``SCENARIO`` is ``all`` or a comma-separated list. ``die`` makes rank 1 exit in the middle of a step; the
 other ranks write what they raised to ``OUT/rank{R}.err``.
 """
 import datetime
@@ -92,7 +92,8 @@ def main():
         with open(os.path.join(out, f"rank{rank}.err"), "w") as fh:
             fh.write(msg)
         os._exit(0)
-    results = {name: fn(group) for name, fn in SCENARIOS.items()}
+    names = list(SCENARIOS) if scenario == "all" else scenario.split(",")
+    results = {name: SCENARIOS[name](group) for name in names}
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     if world > 1:
         dist.barrier()

@@ -40,12 +40,13 @@ def single(tmp_path_factory):
     return torch.load(out / "rank0.pt")
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_ranks_bitwise_identical_and_equal_to_one_process(world, single, tmp_path):
-    codes, outputs = _launch(world, tmp_path)
+@pytest.mark.parametrize("world,scenarios", [(2, "all"), (4, "step_chunked_adam,ask_tell_chunked")])
+def test_ranks_bitwise_identical_and_equal_to_one_process(world, scenarios, single, tmp_path):
+    codes, outputs = _launch(world, tmp_path, scenarios)  # 4 ranks: the chunked scenarios, both strategies
     assert codes == [0] * world, outputs
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
-    for scenario, reference in single.items():
+    for scenario in ranks[0]:
+        reference = single[scenario]
         for r in range(1, world):
             for p, q in zip(ranks[0][scenario], ranks[r][scenario]):
                 assert torch.equal(p, q), f"{scenario}: rank {r} differs from rank 0"

@@ -36,7 +36,11 @@ def setup(device: str | None) -> str | None:
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
     timeout = datetime.timedelta(seconds=float(os.environ.get("EGGROLL_DIST_TIMEOUT", "300")))
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+    store, rank, size = next(dist.rendezvous("env://", timeout=timeout))
+    # keys of this attempt only: after an elastic restart the store still holds the dead group's addresses
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group("nccl" if cuda else "gloo", store=dist.PrefixStore(f"eggroll/attempt{attempt}", store),
+                            rank=rank, world_size=size, timeout=timeout)
     return device
 
 

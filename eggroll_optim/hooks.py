@@ -166,13 +166,11 @@ def _swapped(places: list, store: str):
             getattr(module, store)[name] = value
 
 
-def _running_stats(root: nn.Module) -> list:
-    """``(module, name, buffer)`` of every BatchNorm/InstanceNorm running statistic updated now (the
-    float ones: ``num_batches_tracked`` is the same for every member and stays shared)."""
-    norms = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+def _running_stats(plan: Plan) -> list:
+    """``(module, name, buffer)`` of every running statistic updated now (the float ones:
+    ``num_batches_tracked`` is the same for every member and stays shared)."""
     return [
-        (m, name, buf) for m in root.modules()
-        if isinstance(m, norms) and m.training and m.track_running_stats
+        (m, name, buf) for m in plan.updating_norms()
         for name, buf in m.named_buffers(recurse=False) if buf is not None and buf.is_floating_point()
     ]
 
@@ -214,7 +212,7 @@ def run_members(switch: Switch, plan: Plan, root: nn.Module, chunk, inner, args,
     lowrank, free = list(chunk.factors), list(chunk.values)
     places = [(m, name) for p in free for m, name in plan.free[p]]
     owners = [len(plan.free[p]) for p in free]
-    stats = _running_stats(root)
+    stats = _running_stats(plan)
     copies = [buf.unsqueeze(0).repeat(chunk.size, *([1] * buf.dim())) for _, _, buf in stats]
     result = {}
 

@@ -25,7 +25,6 @@ import contextlib
 import os
 
 import torch
-import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
@@ -157,11 +156,8 @@ class RunningStats:
     buffers as they were; the float ones end as the size-weighted mean of the pieces' results, the
     counters (``num_batches_tracked``) as after one piece: what one call over all members leaves."""
 
-    def __init__(self, root: nn.Module):
-        norms = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
-        self.buffers = [(buf, buf.clone()) for mod in root.modules()
-                        if isinstance(mod, norms) and mod.training and mod.track_running_stats
-                        for buf in mod.buffers(recurse=False)]
+    def __init__(self, norms: list):
+        self.buffers = [(buf, buf.clone()) for mod in norms for buf in mod.buffers(recurse=False)]
         self.results = [torch.zeros_like(buf, dtype=torch.float64) if buf.is_floating_point() else buf.clone()
                         for buf, _ in self.buffers]
         self.members = 0

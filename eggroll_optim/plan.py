@@ -42,7 +42,12 @@ class Plan:
     users: dict = field(default_factory=dict)
     names: dict = field(default_factory=dict)
     zero_rows: dict = field(default_factory=dict)
+    norms: list = field(default_factory=list)  # BatchNorm/InstanceNorm layers: running statistics
     _users: set | None = None
+
+    def updating_norms(self) -> list:
+        """The norms that update running statistics on a call now (train mode, tracking)."""
+        return [m for m in self.norms if m.training and m.track_running_stats]
 
     def is_lowrank(self, p) -> bool:
         return p in self.lowrank
@@ -83,6 +88,8 @@ def make_plan(root: nn.Module, unsupported: str = "raise", fullrank_max_numel: i
               fused: bool | None = None) -> Plan:
     plan, absorbed, claimed = Plan(root, fused), {}, set()
     modules = list(root.named_modules())  # each module once, parents first
+    norm_types = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+    plan.norms = [sub for _, sub in modules if isinstance(sub, norm_types)]
     for path, sub in modules:
         rule = None if sub in absorbed else rule_for(sub, fused)
         if rule is not None:

@@ -209,7 +209,7 @@ class Population:
         # unmeasured inputs: measure a first piece, then plan the rest (nothing to plan if it is all)
         probe = key is not None and not self.planner.knows(key) and stop - start > PROBE_MEMBERS
         todo = [(start, start + PROBE_MEMBERS)] if probe else self._pieces(start, stop, key)
-        outputs, stats, halved = [], RunningStats(root), False
+        outputs, stats, halved = [], RunningStats(self.plan.updating_norms()), False
         while todo:
             piece, failed, measure = todo.pop(0), False, probe and not outputs
             try:

@@ -56,8 +56,8 @@ RULES: tuple[Rule, ...] = (
          linear.conv_transpose_forward, linear.check_conv),
     Rule((nn.Embedding,), _weight, linear.embedding_forward, linear.check_embedding,
          lambda module, name: module.padding_idx),
-    Rule((nn.MultiheadAttention,), attention.lowrank_names, attention.mha_forward, attention.check_mha),
-    Rule((nn.RNN, nn.GRU, nn.LSTM), recurrent.lowrank_names, recurrent.rnn_forward, recurrent.check_rnn),
+    Rule((nn.MultiheadAttention,), attention.lowrank_names, attention.mha_forward),
+    Rule((nn.RNN, nn.GRU, nn.LSTM), recurrent.lowrank_names, recurrent.rnn_forward),
 )
 
 

@@ -21,17 +21,13 @@ import torch.nn.functional as F
 from .fused import logical, physical
 from .linear import lowrank_linear_term
 
-__all__ = ["check_mha", "lowrank_names", "mha_forward"]
+__all__ = ["lowrank_names", "mha_forward"]
 
 
 def lowrank_names(module: nn.MultiheadAttention) -> tuple[str, ...]:
     if module._qkv_same_embed_dim:
         return ("in_proj_weight", "out_proj.weight")
     return ("q_proj_weight", "k_proj_weight", "v_proj_weight", "out_proj.weight")
-
-
-def check_mha(module: nn.MultiheadAttention) -> None:
-    return None
 
 
 def _project(x, weight, bias, factors_rows):

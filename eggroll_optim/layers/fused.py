@@ -22,9 +22,7 @@ from torch._C import _functorch
 from ..kernels.fast import mlp_block_activation, mlp_fast_path, perturbed_mlp
 from .linear import linear_forward
 
-__all__ = ["MAX_FUSED_HIDDEN", "logical", "mlp_block_forward", "mlp_block_names", "physical"]
-
-MAX_FUSED_HIDDEN = 1024  # widest hidden layer the fused MLP kernel keeps on chip
+__all__ = ["logical", "mlp_block_forward", "mlp_block_names", "physical"]
 
 
 def physical(x: torch.Tensor, level: int) -> tuple[torch.Tensor, bool]:
@@ -67,9 +65,7 @@ def _fast_input(call, block, x):
     else:
         x2 = xp.reshape(-1, xp.shape[-1])
     if x2.shape[-2] == 0 or not mlp_fast_path(x2, block[0].out_features, not per_member):
-        return None
-    if block[0].out_features > MAX_FUSED_HIDDEN:
-        return None
+        return None  # (mlp_fast_path holds the kernel's limits: dtype, device, hidden width)
     return x2, not per_member
 
 

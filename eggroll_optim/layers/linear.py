@@ -70,11 +70,8 @@ def conv_forward(call, module, x: torch.Tensor) -> torch.Tensor:
     if factors is None:
         return out
     A, B = factors  # (C_out, r), (C_in/g * prod k, r)
-    g, r = module.groups, B.shape[1]
-    C_out, Cg, *k = module.weight.shape
-    filters = B.to(x.dtype).T.reshape(r, Cg, *k).repeat(g, *([1] * (spatial + 1)))  # (g r, Cg, *k)
-    z = conv(xp, filters, None, groups=g, **args)  # (Bt, g r, *S_out)
-    return out + _channel_mix(z, A.to(x.dtype), g, spatial)  # output o of group j reads z[j r : j r + r]
+    z = conv(xp, _group_filters(B.to(x.dtype), module), None, groups=module.groups, **args)  # (Bt, g r, *S_out)
+    return out + _channel_mix(z, A.to(x.dtype), module.groups, spatial)  # output o of group j: z[j r : j r + r]
 
 
 def conv_transpose_forward(call, module, x: torch.Tensor, output_size=None) -> torch.Tensor:
@@ -91,11 +88,16 @@ def conv_transpose_forward(call, module, x: torch.Tensor, output_size=None) -> t
     if factors is None:
         return out
     A, B = factors  # (C_in, r), (C_out/g * prod k, r)
-    g, r = module.groups, B.shape[1]
-    C_in, Cg_out, *k = module.weight.shape
-    u = _group_mix(x, A.to(x.dtype), g, spatial)  # (Bt, g r, *S): group j's channels mixed by A rows
-    filters = B.to(x.dtype).T.reshape(r, Cg_out, *k).repeat(g, *([1] * (spatial + 1)))  # (g r, C_out/g, *k)
-    return out + conv_t(u, filters, None, groups=g, **args)
+    u = _group_mix(x, A.to(x.dtype), module.groups, spatial)  # (Bt, g r, *S): group j's channels mixed by A
+    return out + conv_t(u, _group_filters(B.to(x.dtype), module), None, groups=module.groups, **args)
+
+
+def _group_filters(B: torch.Tensor, module) -> torch.Tensor:
+    """The ``r`` filters of ``B ((weight.shape[1] · prod k), r)`` shaped like the layer's kernel and repeated
+    for each of its ``g`` groups: ``(g r, weight.shape[1], *k)``."""
+    _, c, *k = module.weight.shape
+    r = B.shape[1]
+    return B.T.reshape(r, c, *k).repeat(module.groups, *([1] * (len(k) + 1)))
 
 
 def _grouped_1x1(z: torch.Tensor, W: torch.Tensor, spatial: int) -> torch.Tensor:

@@ -15,15 +15,11 @@ import torch.nn.functional as F
 
 from .linear import lowrank_linear_term
 
-__all__ = ["check_rnn", "lowrank_names", "rnn_forward"]
+__all__ = ["lowrank_names", "rnn_forward"]
 
 
 def lowrank_names(module: nn.RNNBase) -> tuple[str, ...]:
     return tuple(name for name in module._flat_weights_names if name.startswith("weight_"))
-
-
-def check_rnn(module: nn.RNNBase) -> None:
-    return None
 
 
 def _affine(call, x, weight, bias):

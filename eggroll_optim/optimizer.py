@@ -12,8 +12,9 @@ from .inner import MIRRORED, Mirror, adopted_groups, build_inner, global_step_ho
 from .memory import Planner
 from .options import validate_arguments
 from .plan import FULLRANK_MAX_NUMEL, make_plan
+from .noise import GeneratorPool
 from .population import Population, PopulationNoise
-from .shaping import resolve_shaping, shape_checked, validate_fitness
+from .shaping import nan_policy_in_graph, resolve_shaping, shape_checked, validate_fitness, widen
 from .state import FORMAT, check_loadable, param_table
 
 __all__ = ["EggrollOptimizer"]
@@ -146,6 +147,9 @@ class EggrollOptimizer(torch.optim.Optimizer):
         self.defaults.update({k: v for k, v in self.inner.defaults.items() if k in ("momentum", "betas")})
         self._group = self._make_group(process_group, distributed_strategy, check_ranks)
         self._step_count = 0
+        self._generators: dict = {}  # {param: noise.GeneratorPool}: the keyed draws' generators, kept
+        self._graph = None  # a compile_step's device scalars while it runs a step (capture.py), else None
+        self._graph_version = 0  # bumped where a captured step must be captured again (a load, a new group)
         self._population: Population | None = None
         self._switch = Switch()  # the hooks read the active chunk from here (None: inert)
         self._handles = []
@@ -174,6 +178,7 @@ class EggrollOptimizer(torch.optim.Optimizer):
             self.inner.add_param_group({k: v for k, v in group.items() if k in ("params", *MIRRORED)})
             self._mirror.add()
             self._install()
+            self._graph_version += 1
 
     def _make_group(self, process_group, strategy: str, check: bool):
         """This rank's share of the population over ``process_group`` (``distributed``), or None."""
@@ -246,13 +251,16 @@ class EggrollOptimizer(torch.optim.Optimizer):
     def _noise(self) -> PopulationNoise:
         step = 0 if self.reuse_noise else self._step_count
         entries = []
-        for group in self.param_groups:
+        for i, group in enumerate(self.param_groups):
+            sigma = group["sigma"] if self._graph is None else self._graph.sigma[i]  # a device scalar there
             for p in group["params"]:
                 key = (self.seed, step, self._param_index[p])
                 lowrank = self._plan.is_lowrank(p)
                 zero_row = self._plan.zero_rows.get(p) if lowrank else None  # e.g. padding_idx: stays put
-                entries.append((p, key, group["sigma"], group["rank"], lowrank, zero_row))
-        return PopulationNoise(entries, self.noise_block)
+                entries.append((p, key, sigma, group["rank"], lowrank, zero_row))
+                if p not in self._generators:
+                    self._generators[p] = GeneratorPool(p.device)
+        return PopulationNoise(entries, self.noise_block, self._generators)
 
     @torch.no_grad()
     def tell(self, fitness: torch.Tensor) -> None:
@@ -266,7 +274,10 @@ class EggrollOptimizer(torch.optim.Optimizer):
         validate_fitness(fitness, members.stop - members.start, device, self.nan_policy)
         if self._group is not None:  # every rank gets the whole population's fitness
             fitness = self._group.gather_fitness(fitness)
-        shaped = shape_checked(fitness, self.nan_policy, self.shaping)  # the NaN policy, then the shaping
+        if self._graph is None:
+            shaped = shape_checked(fitness, self.nan_policy, self.shaping)  # the NaN policy, then the shaping
+        else:  # a captured step: no host sync (capture.py)
+            shaped = self.shaping(nan_policy_in_graph(widen(fitness), self.nan_policy, self._graph.flagged))
         missing = [p for p in population.noise.params if not any(m in population.fired for m in self._plan.users[p])]
         if missing:
             names = self._plan.names
@@ -291,17 +302,44 @@ class EggrollOptimizer(torch.optim.Optimizer):
             run_step_hooks([*global_step_hooks(pre=True), *self._optimizer_step_pre_hooks.values()], self, args, {},
                            pre=True)
             self._mirror.sync()  # lr/momentum/betas set by a scheduler on either side, or by a hook
-            inner_step(self.inner)
+            if self._graph is None:
+                inner_step(self.inner)
+            else:
+                self._graph.inner_step(self.inner)  # lr as device scalars (capture.py)
             if self._group is not None and self._group.check:
                 self._group.check_same([p for g in self.param_groups for p in g["params"]])
-            for group in self.param_groups:
-                group["sigma"] *= self.sigma_decay
-            self._step_count += 1
-            self.discard()
-            self._opt_called = True  # lr_scheduler's check that the optimizer stepped
-            self._optimizer_step_code()
+            self._advance()
             run_step_hooks([*self._optimizer_step_post_hooks.values(), *global_step_hooks(pre=False)], self, args, {},
                            pre=False)
+
+    def _advance(self) -> None:
+        """The host's part of an update (a captured step's replay runs it too): sigma decay, the step
+        count, the end of the population."""
+        for group in self.param_groups:
+            group["sigma"] *= self.sigma_decay
+        self._step_count += 1
+        self.discard()
+        self._opt_called = True  # lr_scheduler's check that the optimizer stepped
+        self._optimizer_step_code()
+
+    def compile_step(self, closure: Callable[..., torch.Tensor], *, maximize: bool = False, warmup: int = 2):
+        """``step(closure)`` as one CUDA graph: returns ``compiled``, and ``compiled(*tensors)`` is
+        ``self.step(lambda: closure(*tensors), maximize)`` replayed with no host sync and no Python in the
+        step (``capture.py``)::
+
+            compiled = opt.compile_step(lambda x, y: per_member_cross_entropy(model(x), y))
+            for x, y in loader:
+                loss = compiled(x, y)  # a tensor that the next call overwrites
+
+        The first ``warmup`` calls are eager steps (autotuning, the inner optimizer's state), the next
+        one captures the graph; later calls copy their tensors into the captured ones and replay it. Noise,
+        sigma decay and lr schedulers act as in eager steps (the same parameters to float rounding); the
+        closure and step hooks run once, at capture (their kernels replay). NaN/inf fitness cannot
+        raise inside a graph: that step's update is zero (``nan_policy="worst"``: ranked last, as eager),
+        and ``compiled.check()`` raises afterwards. On a CPU the calls are eager ``step``s."""
+        from .capture import CompiledStep
+
+        return CompiledStep(self, closure, maximize=maximize, warmup=warmup)
 
     def step(self, closure: Callable[[], torch.Tensor], maximize: bool = False) -> torch.Tensor:
         """Drop-in step: ``closure()`` returns per-member losses ``(n,)``, **lower is better** (``tell``
@@ -361,6 +399,7 @@ class EggrollOptimizer(torch.optim.Optimizer):
         self._step_count, self.seed = int(extra["step"]), int(extra["seed"])
         self.inner.load_state_dict(extra["inner"])
         self._mirror.reset()
+        self._graph_version += 1  # the inner optimizer's state tensors are new: a captured step recaptures
 
     @property
     def population(self) -> Population | None:

@@ -23,12 +23,17 @@ class PopulationNoise:
     """Keys and scales of every evolved parameter for one step.
 
     ``entries``: ``(param, (seed, step, param_index), sigma, rank, lowrank, zero_row)`` tuples;
-    ``zero_row`` (or None) is a row of ``A`` kept at zero, such as an embedding's ``padding_idx``.
+    ``zero_row`` (or None) is a row of ``A`` kept at zero, such as an embedding's ``padding_idx``;
+    ``sigma`` a float, or a 0-dim tensor on the parameter's device (a captured step, ``capture.py``).
+    ``generators``: ``{param: noise.GeneratorPool}`` kept by the optimizer across steps (or None).
     """
 
-    def __init__(self, entries: list, block_pairs: int):
+    def __init__(self, entries: list, block_pairs: int, generators: dict | None = None):
         self.entries, self.block_pairs = entries, block_pairs
         self._blocks: dict = {}  # the latest drawn block per parameter, shared by consecutive chunks
+        self.generators = generators
+        for pool in (generators or {}).values():
+            pool.begin()
 
     @property
     def params(self) -> list:
@@ -42,6 +47,11 @@ class PopulationNoise:
             total += per_pair * self.block_pairs * torch.finfo(noise_dtype(p.dtype)).bits // 8
         return total
 
+    def reseed(self) -> None:
+        """Seed every kept generator as this step's draws seed it (before a captured step's replay)."""
+        for p, key, *_ in self.entries:
+            self.generators[p].reseed(noise_key(*key))
+
     def chunk_noise(self, start: int, stop: int, reuse_blocks: bool = False) -> dict:
         """``{param: Pairs}`` (unpacking as ``(A_scaled (n, m, r), B (n, k, r))``) or ``{param: noise (n, *shape)}``.
 
@@ -54,6 +64,7 @@ class PopulationNoise:
                 noise_key(*key), shapes, start // 2, stop // 2,
                 device=p.device, dtype=noise_dtype(p.dtype), block_pairs=self.block_pairs,
                 cache=self._blocks if reuse_blocks else None,
+                generators=self.generators.get(p) if self.generators is not None else None,
             )
             if lowrank:
                 A, B = draws
@@ -63,7 +74,8 @@ class PopulationNoise:
                 noise[p] = antithetic_pairs(A, B, sigma, rank)
             else:
                 eps = draws[0]
-                noise[p] = torch.stack((eps, -eps), dim=1).flatten(0, 1) * sigma  # (n, *shape)
+                scale = sigma.to(eps.dtype) if isinstance(sigma, torch.Tensor) else sigma
+                noise[p] = torch.stack((eps, -eps), dim=1).flatten(0, 1) * scale  # (n, *shape)
         return noise
 
 

@@ -13,7 +13,8 @@ import torch
 from .kernels.fast.zscore import fused_zscore, fused_zscore_available
 
 __all__ = [
-    "SHAPINGS", "apply_nan_policy", "centered_rank", "check_fitness", "identity", "resolve_shaping", "shape_checked",
+    "SHAPINGS", "apply_nan_policy", "centered_rank", "check_fitness", "identity", "nan_policy_in_graph",
+    "resolve_shaping", "shape_checked",
     "shape_fitness", "validate_fitness", "widen", "zscore",
 ]
 
@@ -36,15 +37,16 @@ def zscore(fitness: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 
 
 def centered_rank(fitness: torch.Tensor) -> torch.Tensor:
-    """Ranks mapped linearly to ``[-0.5, 0.5]`` (lowest -> -0.5), ties get their average rank."""
+    """Ranks mapped linearly to ``[-0.5, 0.5]`` (lowest -> -0.5), ties get their average rank.
+
+    A tie run's ranks are ``[first, last]``, found by two binary searches in the sorted values; their
+    average ``(first + last) / 2``. No data-dependent shapes: no host sync (CUDA graphs)."""
     n = fitness.numel()
-    values, order = fitness.sort()
-    _, inverse, counts = torch.unique_consecutive(values, return_inverse=True, return_counts=True)
-    ends = counts.cumsum(0) - 1
-    average = (ends - (counts - 1) / 2).to(fitness.dtype)  # mean of each tie run's ranks
-    ranks = torch.empty_like(fitness)
-    ranks[order] = average[inverse]
-    return ranks / (n - 1) - 0.5
+    values = fitness.sort().values
+    first = torch.searchsorted(values, fitness, right=False)
+    last = torch.searchsorted(values, fitness, right=True) - 1
+    average = (first + last).to(fitness.dtype) / 2
+    return average / (n - 1) - 0.5
 
 
 def identity(fitness: torch.Tensor) -> torch.Tensor:
@@ -70,6 +72,23 @@ def _replace_nonfinite(fitness: torch.Tensor, bad: torch.Tensor) -> torch.Tensor
         raise ValueError("Every fitness value is NaN or inf; nothing to learn from")
     spread = (finite.max() - finite.min()).clamp_min(1.0)
     return torch.where(bad, finite.min() - spread, fitness)
+
+
+def nan_policy_in_graph(fitness: torch.Tensor, nan_policy: str, flagged: torch.Tensor) -> torch.Tensor:
+    """``apply_nan_policy`` without a host sync, for a captured step (``capture.py``).
+
+    ``flagged`` (a 0-dim int64 tensor) counts the steps whose fitness had a NaN/inf member; ``"worst"``
+    gives those members a value below every finite one, as ``apply_nan_policy`` does; ``"raise"`` (it
+    cannot raise inside a graph) and ``"skip"``, or every member non-finite, zero the fitness: no update."""
+    bad = ~torch.isfinite(fitness)
+    any_bad = bad.any()
+    flagged.add_(any_bad)
+    if nan_policy == "worst":
+        low = torch.where(bad, torch.full_like(fitness, float("inf")), fitness).amin()
+        high = torch.where(bad, torch.full_like(fitness, float("-inf")), fitness).amax()
+        fitness = torch.where(bad, low - (high - low).clamp_min(1.0), fitness)
+        return torch.where(bad.all(), torch.zeros_like(fitness), fitness)
+    return torch.where(any_bad, torch.zeros_like(fitness), fitness)
 
 
 def same_device(a: torch.device, b: torch.device) -> bool:

@@ -25,6 +25,7 @@ Two sources, one layout:
 """
 from .keyed import (
     DEFAULT_BLOCK_PAIRS,
+    GeneratorPool,
     draw_pair_factors,
     keyed_pair_factors,
     keyed_pair_normals,
@@ -35,6 +36,7 @@ from .pairs import Pairs, antithetic, antithetic_pairs
 
 __all__ = [
     "DEFAULT_BLOCK_PAIRS",
+    "GeneratorPool",
     "Pairs",
     "antithetic",
     "antithetic_pairs",

@@ -11,6 +11,7 @@ import torch
 
 __all__ = [
     "DEFAULT_BLOCK_PAIRS",
+    "GeneratorPool",
     "draw_pair_factors",
     "keyed_pair_factors",
     "keyed_pair_normals",
@@ -72,6 +73,7 @@ def keyed_pair_normals(
     dtype: torch.dtype = torch.float32,
     block_pairs: int = DEFAULT_BLOCK_PAIRS,
     cache: dict | None = None,
+    generators: "GeneratorPool | None" = None,
 ) -> list[torch.Tensor]:
     """N(0, 1) tensors ``(P, *shape)`` for pairs ``[pair_start, pair_stop)``, one per shape.
 
@@ -79,6 +81,8 @@ def keyed_pair_normals(
     with ``noise_key(key, j)``; the requested pairs are sliced out of the covering blocks.
     ``cache`` (a dict the caller keeps) holds the last block drawn for each key, so consecutive
     small slices of one block (population chunks) draw it once instead of once per slice.
+    ``generators`` (a ``GeneratorPool`` the caller keeps per parameter) lends the generators, kept
+    across steps and re-seeded with the same keys: the same numbers.
     """
     if not 0 <= pair_start < pair_stop:
         raise ValueError(f"Invalid pair range [{pair_start}, {pair_stop})")
@@ -92,13 +96,46 @@ def keyed_pair_normals(
         if cached is not None and cached[0] == block:
             blocks.append(cached[1])
             continue
-        gen = torch.Generator(device=device).manual_seed(noise_key(key, block))
+        gen = generators.take(block) if generators is not None else torch.Generator(device=device)
+        gen.manual_seed(noise_key(key, block))
         blocks.append([torch.randn(block_pairs, *shape, generator=gen, dtype=dtype, device=device) for shape in shapes])
         if cache is not None:
             cache[key] = (block, blocks[-1])  # only the latest block per key: memory of one block
     lo = pair_start - first * block_pairs
     hi = lo + (pair_stop - pair_start)
     return [(parts[0] if len(parts) == 1 else torch.cat(parts))[lo:hi] for parts in zip(*blocks)]
+
+
+class GeneratorPool:
+    """The generators of one parameter's keyed draws, kept across steps (``EggrollOptimizer``).
+
+    Within a step (``begin()`` starts one), the ``j``-th draw of block ``b`` takes generator
+    ``(b, j)``, so each generator is seeded once a step and draws once. That is what a CUDA graph
+    needs (``capture.py``): it registers these generators, and before each replay ``reseed(key)``
+    seeds every one as the step's draws would (seeding inside a capture only confirms the seed, and
+    a generator that drew twice would continue its stream instead of restarting it).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.generators: dict[tuple[int, int], torch.Generator] = {}
+        self._uses: dict[int, int] = {}
+
+    def begin(self) -> None:
+        self._uses.clear()
+
+    def take(self, block: int) -> torch.Generator:
+        j = self._uses.get(block, 0)
+        self._uses[block] = j + 1
+        gen = self.generators.get((block, j))
+        if gen is None:
+            gen = self.generators[(block, j)] = torch.Generator(device=self.device)
+        return gen
+
+    def reseed(self, key: int) -> None:
+        """Seed every generator as a step with ``key`` (``noise_key(seed, step, param)``) seeds it."""
+        for (block, _), gen in self.generators.items():
+            gen.manual_seed(noise_key(key, block))
 
 
 def keyed_pair_factors(

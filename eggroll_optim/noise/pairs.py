@@ -53,7 +53,8 @@ class Pairs(tuple):
             raise ValueError(f"Pairs: expected a contiguous B_pair ({B.shape[1]}, {N // 2}, {r}), "
                              f"got {tuple(B_pair.shape)}")
         self = super().__new__(cls, (A_scaled, B))
-        self.A_pair, self.B_pair, self.scale = A_scaled[0::2], B_pair, float(scale)
+        self.A_pair, self.B_pair = A_scaled[0::2], B_pair
+        self.scale = scale if isinstance(scale, torch.Tensor) else float(scale)  # a device scalar: no sync
         return self
 
     @property
@@ -73,7 +74,8 @@ class Pairs(tuple):
 
     def __repr__(self) -> str:
         N, m, r = self[0].shape
-        return f"Pairs(N={N}, m={m}, n={self[1].shape[1]}, rank={r}, scale={self.scale:g}, dtype={self[0].dtype})"
+        scale = "<tensor>" if isinstance(self.scale, torch.Tensor) else f"{self.scale:g}"
+        return f"Pairs(N={N}, m={m}, n={self[1].shape[1]}, rank={r}, scale={scale}, dtype={self[0].dtype})"
 
 
 pytree.register_pytree_node(
@@ -84,16 +86,21 @@ pytree.register_pytree_node(
 )
 
 
-def antithetic_pairs(A: torch.Tensor, B: torch.Tensor, sigma: float, rank: int) -> Pairs:
+def antithetic_pairs(A: torch.Tensor, B: torch.Tensor, sigma: float | torch.Tensor, rank: int) -> Pairs:
     """The population of pair draws ``A (P, m, r)``, ``B (P, n, r)`` as ``Pairs`` of ``N = 2P`` members.
 
     ``A_scaled`` = ``s_i * sigma / sqrt(r) * A`` with ``s = (+1, -1, +1, -1, ...)``; ``B`` a view of an
     ``(n, N, r)`` buffer, so ``B.permute(1, 0, 2).reshape(n, N * r)`` (``x B`` for a shared input, the
     gradient's GEMM over members) is free. On CUDA each layout is one Triton pass (``noise.layout``;
     ``B`` and ``B_pair`` in the same pass), with the values of the torch path bit for bit.
+
+    ``sigma`` may be a 0-dim tensor on ``A``'s device (a captured step reads it there, no host sync):
+    then ``A`` is scaled by one more elementwise pass.
     """
     scale = sigma / math.sqrt(rank)
-    if A.dtype != torch.float64 and layout_kernels_available(A):
+    if isinstance(scale, torch.Tensor) and A.dtype != torch.float64 and layout_kernels_available(A):
+        A_scaled = signed_pairs(A * scale.to(A.dtype), 1.0)
+    elif A.dtype != torch.float64 and layout_kernels_available(A):
         A_scaled = signed_pairs(A, scale)
     else:
         A_scaled = torch.stack((A, -A), dim=1).flatten(0, 1).mul_(scale)  # (2P, m, r)

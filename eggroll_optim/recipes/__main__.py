@@ -48,7 +48,7 @@ EXPERIMENTS = {
 }
 ALIASES = {"mnist": ["mnist_mlp"], "all": ["cartpole", "mnist_mlp", "mnist_cnn", "hyperscale"]}
 # flags that may differ from the checkpoint's configuration on --resume
-RESUMABLE = {"device", "max_epochs", "data_dir", "chunk_size", "log_every", "eval_every", "checkpoint_every",
+RESUMABLE = {"cuda_graph", "device", "max_epochs", "data_dir", "chunk_size", "log_every", "eval_every", "checkpoint_every",
              "checkpoint_seconds"}
 _CLI_ONLY = {"experiment", "out", "resume", "fresh", "quick", "no_progress", "debug"}
 
@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="arithmetic: reward weight of the fraction of answer digits right (default 0.5)")
     p.add_argument("--populations", type=_populations, metavar="SIZES",
                    help="hyperscale: comma-separated even sizes, e.g. 1024,2^14")
+    p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_const", const=False,
+                   help="on CUDA, run each ES step eagerly instead of replaying it from a CUDA graph")
     p.add_argument("--log-every", type=int, metavar="STEPS", help="flush metrics (one host sync) every STEPS steps")
     p.add_argument("--eval-every", type=int, metavar="STEPS")
     p.add_argument("--checkpoint-every", type=int, metavar="STEPS")

@@ -27,7 +27,7 @@ import torch.nn as nn
 from . import launch
 from .envs import TorchCartPole, evaluate_gymnasium, rollout_returns
 from .errors import InputError
-from .runner import RunConfig, Task, make_optimizer, train
+from .runner import RunConfig, Task, make_optimizer, step_function, train
 
 __all__ = ["CartPoleConfig", "CartPoleTask", "QUICK", "make_policy", "run"]
 
@@ -112,21 +112,46 @@ class TorchRollouts:
     """Episodes chunk by chunk in :class:`TorchCartPole` on the policy's device, paired starts."""
 
     def __init__(self, device: torch.device):
-        self.device, self.envs = device, {}
+        self.device, self.envs, self.starts = device, {}, {}
+
+    def env(self, n: int, envs: dict | None = None) -> TorchCartPole:
+        envs = self.envs if envs is None else envs
+        if n not in envs:
+            envs[n] = TorchCartPole(n, device=self.device)
+        return envs[n]
 
     @torch.no_grad()
     def __call__(self, model: nn.Module, population, seed: int):
         returns, env_steps = [], []
         for members in population.chunks():
-            n = members.stop - members.start
-            if n not in self.envs:
-                self.envs[n] = TorchCartPole(n, device=self.device)
-            env = self.envs[n]
-            r, s = rollout_returns(lambda obs: model(population.per_member(obs)).argmax(-1), env, MAX_EPISODE_STEPS,
+            r, s = rollout_returns(lambda obs: model(population.per_member(obs)).argmax(-1),
+                                   self.env(members.stop - members.start), MAX_EPISODE_STEPS,
                                    seed=_step_seed(seed, members.start), paired=True)
             returns.append(r)
             env_steps.append(s)
         return torch.cat(returns), torch.stack(env_steps).sum()
+
+    def start_states(self, members: slice, chunk: int, seed: int) -> torch.Tensor:
+        """The initial states ``(n, 4)`` that ``__call__`` draws for the members, chunk by chunk."""
+        parts = []
+        for start in range(members.start, members.stop, chunk):
+            env = self.env(min(start + chunk, members.stop) - start, self.starts)
+            parts.append(env.reset(seed=_step_seed(seed, start), paired=True))
+        return torch.cat(parts)
+
+    def fixed_length(self, model: nn.Module, population, states: torch.Tensor, env_steps: torch.Tensor):
+        """The active chunk's returns from ``states``: all ``MAX_EPISODE_STEPS`` steps, finished episodes
+        masked, no host sync (a CUDA graph's rollout); adds the chunk's env steps to ``env_steps``."""
+        members, first = population.members, population.local[0]
+        rows = slice(members.start - first, members.stop - first)
+        r, s = rollout_returns(lambda obs: model(population.per_member(obs)).argmax(-1),
+                               self.env(members.stop - members.start), MAX_EPISODE_STEPS,
+                               state=states[rows], check_every=None)
+        if members.start == first:
+            env_steps.copy_(s)
+        else:
+            env_steps.add_(s)
+        return r
 
     def close(self) -> None:
         pass
@@ -152,6 +177,14 @@ class CartPoleTask(Task):
         gym = cfg.env_backend == "gymnasium"
         members = self.optimizer.local_members  # all of them, or this rank's share under torchrun
         self.rollouts = GymnasiumRollouts(members.stop - members.start, self.device) if gym else TorchRollouts(self.device)
+        self.compiled = None  # the torch env on CUDA: each step (rollout included) replayed from a CUDA graph
+        if not gym and self.device.type == "cuda" and cfg.cuda_graph:
+            self.env_steps = torch.zeros((), dtype=torch.int64, device=self.device)
+            step = step_function(self.optimizer, self._graph_rollout, cfg, maximize=True)
+            self.compiled = step if hasattr(step, "graph") else None
+
+    def _graph_rollout(self, states: torch.Tensor) -> torch.Tensor:
+        return self.rollouts.fixed_length(self.model, self.optimizer.population, states, self.env_steps)
 
     per_member_input = True
 
@@ -159,6 +192,13 @@ class CartPoleTask(Task):
         return torch.zeros(self.cfg.population_size, 4, device=self.device)  # per-member observations
 
     def train_step(self, step: int) -> dict:
+        if self.compiled is not None:
+            seed = _step_seed(self.cfg.seed, step)
+            states = self.rollouts.start_states(self.optimizer.local_members, self.optimizer.chunk_size, seed)
+            mean_return = self.compiled(states).clone()  # the graph's outputs are overwritten next step
+            if self.scheduler is not None:
+                self.scheduler.step()
+            return {"metric": mean_return, "env_steps": self.env_steps.clone()}
         population = self.optimizer.ask()
         returns, env_steps = self.rollouts(self.model, population, _step_seed(self.cfg.seed, step))
         self.optimizer.tell(returns)

@@ -31,6 +31,7 @@ from .checkpoint import atomic_write_text
 from .envs import TorchCartPole, rollout_returns
 from .mnist import auto_chunk_size, make_mlp
 from .errors import InputError
+from .runner import step_function
 from .outputs import environment
 
 __all__ = ["HyperscaleConfig", "QUICK", "run"]
@@ -44,10 +45,11 @@ class HyperscaleConfig:
     rank: int = 4
     sigma: float = 0.1
     lr: float = 0.1
-    max_epochs: int = 3  # timed ES steps per size, after one warm-up step
+    max_epochs: int = 3  # timed ES steps per size, after three warm-up steps
     horizon: int = 200  # CartPole env steps per member evaluation
     batch_size: int = 256  # MNIST samples per member evaluation
     chunk_size: int | None = None  # None: automatic (bounded activation memory)
+    cuda_graph: bool = True  # MNIST on CUDA: each step replayed from a CUDA graph (compile_step)
 
 
 QUICK = dict(populations=[16, 64], max_epochs=1, horizon=5, batch_size=8)
@@ -88,7 +90,8 @@ def _mnist_step(cfg: HyperscaleConfig, N: int, chunk: int | None, device: torch.
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     x = torch.rand(cfg.batch_size, 784, generator=gen, device=device)  # shared by all members
     y = torch.randint(10, (cfg.batch_size,), generator=gen, device=device)
-    return lambda: opt.step(lambda: per_member_cross_entropy(model(x), y))
+    step = step_function(opt, lambda x, y: per_member_cross_entropy(model(x), y), cfg)  # a CUDA graph on CUDA
+    return lambda: step(x, y)
 
 
 WORKLOADS = {  # name: (make_step, per-member activation elements, unit, units per member)
@@ -109,8 +112,10 @@ def _peak_memory_mib(device: torch.device) -> float | None:
 
 
 def time_steps(step, steps: int, device: torch.device) -> float:
-    """Seconds per call of ``step`` over ``steps`` calls, after one warm-up call."""
-    step()
+    """Seconds per call of ``step`` over ``steps`` calls, after three warm-up calls (a compiled step's
+    two eager steps and its capture)."""
+    for _ in range(3):
+        step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)

@@ -23,7 +23,7 @@ from ..losses import per_member_cross_entropy
 from . import launch
 from .data import load_mnist_2d, load_mnist_flat
 from .errors import InputError
-from .runner import RunConfig, Task, make_optimizer, train
+from .runner import RunConfig, Task, make_optimizer, step_function, train
 
 __all__ = ["CNN", "MLP", "MnistConfig", "MnistTask", "QUICK", "auto_chunk_size", "make_cnn", "make_mlp", "run"]
 
@@ -118,6 +118,7 @@ class MnistTask(Task):
         torch.manual_seed(cfg.seed)
         self.model = (make_mlp() if cfg.model == "mlp" else make_cnn()).to(self.device)
         self.optimizer, self.scheduler = make_optimizer(self.model, cfg)
+        self.step = step_function(self.optimizer, lambda x, y: per_member_cross_entropy(self.model(x), y), cfg)
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Step ``step``'s minibatch (uniform with replacement, keyed by ``(seed, step)``)."""
@@ -130,7 +131,7 @@ class MnistTask(Task):
 
     def train_step(self, step: int) -> dict:
         x, y = self.batch(step)  # (B, 784) or (B, 1, 28, 28), shared by all members
-        loss = self.optimizer.step(lambda: per_member_cross_entropy(self.model(x), y))  # model(x): (n, B, 10)
+        loss = self.step(x, y).clone()  # model(x): (n, B, 10); a compiled step's output is overwritten next step
         if self.scheduler is not None:
             self.scheduler.step()
         members = self.optimizer.local_members  # under torchrun: this rank's share; the metric is everyone's

@@ -38,7 +38,7 @@ from .outputs import (BOOKKEEPING, METRICS, MetricsLog, environment, flush, peak
                       write_summary)
 from .stopping import Interrupted, stop_requests
 
-__all__ = ["CHECKPOINT", "Interrupted", "RunConfig", "Task", "make_optimizer", "train"]
+__all__ = ["CHECKPOINT", "Interrupted", "RunConfig", "Task", "make_optimizer", "step_function", "train"]
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -62,6 +62,7 @@ class RunConfig:
     eval_every: int = 10
     checkpoint_every: int = 25
     checkpoint_seconds: float = 60.0  # also save after a step that ends this long after the last save
+    cuda_graph: bool = True  # on CUDA, one process: each ES step replayed from a CUDA graph (compile_step)
 
 
 class Task:
@@ -111,6 +112,15 @@ class Task:
         if x.is_cuda:
             torch.cuda.synchronize(x.device)
         return time.perf_counter() - t0
+
+
+def step_function(optimizer: EggrollOptimizer, closure, cfg: RunConfig, maximize: bool = False):
+    """The recipes' ES step ``fn(*tensors) -> mean loss``: ``optimizer.compile_step(closure)`` (one CUDA
+    graph a step) on CUDA in one process with ``cfg.cuda_graph``, else eager ``optimizer.step``."""
+    if cfg.cuda_graph and torch.device(cfg.device).type == "cuda" and optimizer.local_members == slice(
+            0, optimizer.population_size):
+        return optimizer.compile_step(closure, maximize=maximize)
+    return lambda *tensors: optimizer.step(lambda: closure(*tensors), maximize=maximize)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: RunConfig):

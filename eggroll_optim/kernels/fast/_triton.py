@@ -7,12 +7,17 @@ and the launchers read them through ``pinned_choice`` alone:
 - ``EGGROLL_AUTOTUNE=first`` (environment, read when a kernel is tuned for a new shape): every
   autotuned kernel keeps only the first config of its list, so a test compiles each kernel once per
   shape instead of compiling and timing the whole list (the lists are built for the GPU's speed).
+- The autotuner's choices persist in Triton's cache directory (``TRITON_CACHE_DIR``, default
+  ``~/.triton/cache``, where Triton keeps its compiled kernels too): a second process on the same GPU,
+  Triton and kernel source reuses them instead of timing every config again (its cold start is the
+  compile cache's load). Not under the interpreter or ``EGGROLL_AUTOTUNE=first``.
 - ``with pinned(config=..., resident=..., h16=...):`` the launchers inside the block use these
   choices instead of their own (``kernels.fast.mlp`` says which it reads).
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 
 from ..._triton import interpreted, pow2, tl, triton
@@ -53,7 +58,10 @@ def autotune(configs, key, prune=None):
         kept = prune(configs, named_args, **kwargs) if prune is not None else configs
         return kept[:1] if first_config_only() else kept
 
-    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": early})
+    options = {}
+    if "cache_results" in inspect.signature(triton.autotune).parameters:  # Triton >= 3.2
+        options["cache_results"] = not interpreted() and not first_config_only()
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": early}, **options)
 
 
 if triton is not None:

@@ -81,7 +81,7 @@ def _make_capturable(inner: torch.optim.Optimizer, device: torch.device) -> None
 class CompiledStep:
     """``opt.compile_step(closure)``'s callable (see ``EggrollOptimizer.compile_step``)."""
 
-    def __init__(self, opt, closure: Callable[..., torch.Tensor], maximize: bool = False, warmup: int = 2):
+    def __init__(self, opt, closure: Callable[..., torch.Tensor], maximize: bool = False, warmup: int = 1):
         if not callable(closure):
             raise TypeError(f"compile_step needs a callable closure, got {type(closure).__name__}")
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:

@@ -322,7 +322,7 @@ class EggrollOptimizer(torch.optim.Optimizer):
         self._opt_called = True  # lr_scheduler's check that the optimizer stepped
         self._optimizer_step_code()
 
-    def compile_step(self, closure: Callable[..., torch.Tensor], *, maximize: bool = False, warmup: int = 2):
+    def compile_step(self, closure: Callable[..., torch.Tensor], *, maximize: bool = False, warmup: int = 1):
         """``step(closure)`` as one CUDA graph: returns ``compiled``, and ``compiled(*tensors)`` is
         ``self.step(lambda: closure(*tensors), maximize)`` replayed with no host sync and no Python in the
         step (``capture.py``)::

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from . import launch
 from .checkpoint import atomic_write_text
 from .errors import InputError
-from .runner import RunConfig, Task, make_optimizer, train
+from .runner import RunConfig, Task, make_optimizer, step_function, train
 
 __all__ = ["AdditionTransformer", "ArithmeticConfig", "ArithmeticTask", "QUICK", "answer_reward", "greedy_decode",
            "make_problems", "run"]
@@ -194,6 +194,7 @@ class ArithmeticTask(Task):
         self.model = AdditionTransformer(3 * cfg.digits + 3, cfg.d_model, cfg.heads, cfg.layers).to(self.device)
         self.pretrained = self.pretrain() if pretrain else {}  # a resumed run: run() reads pretrain.json
         self.optimizer, self.scheduler = make_optimizer(self.model, cfg)
+        self.step = step_function(self.optimizer, self._rewards, cfg, maximize=True)  # CUDA: one graph a step
 
     def batch(self, step: int, size: int | None = None, salt: int = 0):
         """Step ``step``'s training problems, keyed by ``(seed, salt, step)``: prompts, answers."""
@@ -221,18 +222,18 @@ class ArithmeticTask(Task):
     def warmup_input(self) -> torch.Tensor:
         return self.batch(0)[0]
 
+    def _rewards(self, prompts: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
+        """The active members' rewards ``(n,)`` of greedy-decoded answers (the step's closure)."""
+        decoded = greedy_decode(self.model, prompts, self.length, self.optimizer.population)  # (n, B, L)
+        return answer_reward(decoded, answers, self.cfg.format_reward)[0]
+
     def train_step(self, step: int) -> dict:
         prompts, answers = self.batch(step)  # (B, P), (B, L): shared by every member
-        population, rewards = self.optimizer.ask(), []
-        with torch.no_grad(), population:
-            for _ in population.chunks():
-                decoded = greedy_decode(self.model, prompts, self.length, population)  # (n, B, L)
-                rewards.append(answer_reward(decoded, answers, self.cfg.format_reward)[0])  # (n,)
-        fitness = torch.cat(rewards)  # (N,), or this rank's members under torchrun
-        self.optimizer.tell(fitness)
+        mean = self.step(prompts, answers).clone()  # the members' mean reward (a graph's output: copied)
         if self.scheduler is not None:
             self.scheduler.step()
-        return {"metric": launch.mean_over_ranks(fitness.sum(), fitness.numel())}  # under torchrun: everyone's
+        n = self.optimizer.local_members.stop - self.optimizer.local_members.start
+        return {"metric": launch.mean_over_ranks(mean * n, n)}  # under torchrun: everyone's
 
     @torch.no_grad()
     def heldout_scores(self) -> tuple[float, float]:

@@ -55,7 +55,6 @@ def test_the_seed_matters():
 @pytest.mark.cuda
 @pytest.mark.parametrize("chunking", [dict(), dict(chunk_size=16)])
 def test_same_seed_gives_bitwise_the_same_trajectory_on_cuda(chunking):
+    # (no comparison with the CPU trajectory: noise is drawn on the parameters' device, SPEC §6, and
+    # torch's CUDA generator is not its CPU one)
     _assert_bitwise(_trajectory("cuda", **chunking), _trajectory("cuda", **chunking))
-    cpu = _trajectory("cpu", **chunking)
-    for p, q in zip(_trajectory("cuda", **chunking)[0], cpu[0]):  # another device: a tolerance only
-        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-4)

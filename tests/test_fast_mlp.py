@@ -120,7 +120,7 @@ def _resident_launch(fn):
         mlp.launch_resident = launch
 
 
-def _resident_errors(device, seed):
+def _resident_errors(device, seed, cases=range(len(RESIDENT_CASES))):
     """Relative errors of the resident kernels against float64: hand-built factors (one kernel per member),
     then ``Pairs`` (the twin kernel exactly where both layers are ``Pairs`` and layer 1 has no bias noise)."""
     from eggroll_optim.kernels.fast.resident import resident_fits
@@ -130,6 +130,8 @@ def _resident_errors(device, seed):
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
         for i, (M, D, H, O, N, R) in enumerate(RESIDENT_CASES):
+            if i not in cases:
+                continue
             x, l1, l2 = _inputs(M, D, H, O, N, R, seed=seed + i, device=device)
             noise = (torch.randn(N, H, device=device) * 0.1, torch.randn(N, O, device=device) * 0.1)
             assert resident_fits(M, H, O, R, "tanh", True, R < 16)
@@ -200,7 +202,7 @@ def test_resident_kernel_in_triton_interpreter():
 
 @pytest.mark.cuda
 def test_resident_kernel_on_cuda():
-    errors = _resident_errors("cuda", 400)
+    errors = _resident_errors("cuda", 400, cases=(0, 3, 4))  # each case compiles; the interpreter runs all five
     assert max(errors) < 5e-3, errors
 
 

@@ -194,7 +194,10 @@ def test_counter_normals_follow_their_definition():
 
 @pytest.mark.cuda
 def test_rows_kernels_on_cuda():
-    check_all("cuda", torch.float32, tol=1e-5)
+    # each case compiles its own kernels (rank and block shapes are constexprs): on the GPU the cases that
+    # differ in kind (a ragged block, a bias, keys mod 2^64, rank 16, a 4096-wide input); the interpreter
+    # (test_philox_twin_matches_triton_in_interpreter) runs them all
+    check_all("cuda", torch.float32, tol=1e-5, cases=(0, 1, 3, 4, 7))
     check_linear_rows_cuda()
     # bfloat16 changes the loads and stores, not the blocks: a partial block, a whole one, ranks 1 and 4
     check_all("cuda", torch.bfloat16, tol=1.5e-2, cases=(0, 1, 7))

@@ -1,20 +1,27 @@
-"""One rank of the distributed tests: ``python distributed_worker.py RANK WORLD PORT OUT [SCENARIO]``.
+"""One rank of the distributed tests: ``run_rank(rank, world, port, out, scenario)``.
+
+``tests/test_distributed.py`` runs each rank as a process forked from a multiprocessing forkserver
+that has imported torch and ``eggroll_optim`` once: a fresh interpreter per rank would pay seconds
+of imports, and more tearing torch down at exit. By hand:
+``python distributed_worker.py RANK WORLD PORT OUT [SCENARIO]``.
 
 World size 1 runs without a process group: the single-process reference. Every scenario runs a few
 ES steps on a small float64 model from the same seed and saves the parameters to ``OUT/rank{R}.pt``
 (``{scenario: [tensors]}``); ``SCENARIO`` is ``all`` or a comma-separated list. ``die`` makes rank 1 exit in the middle of a step; the
-other ranks write what they raised to ``OUT/rank{R}.err``.
+other ranks write what they raised to ``OUT/rank{R}.err``. A rank that raises writes its traceback
+to ``OUT/rank{R}.log`` and exits 1.
 """
 import datetime
 import os
 import sys
 import time
+import traceback
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a checkout without the install
 from eggroll_optim import EggrollOptimizer, per_member_mse  # noqa: E402
 
 N, STEPS = 12, 3
@@ -67,9 +74,8 @@ SCENARIOS = {
 }
 
 
-def main():
-    rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    scenario = sys.argv[5] if len(sys.argv) > 5 else "all"
+def _run(rank: int, world: int, port: int, out: str, scenario: str) -> None:
+    torch.set_num_threads(1)  # tiny models; every rank (and the reference) rounds the same way
     group = None
     if world > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
@@ -98,6 +104,21 @@ def main():
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
+
+
+def run_rank(rank: int, world: int, port: int, out: str, scenario: str = "all") -> None:
+    """One rank; what it raised goes to ``OUT/rank{R}.log`` (a forked rank's stderr is the forkserver's)."""
+    try:
+        _run(rank, world, port, out, scenario)
+    except BaseException:
+        with open(os.path.join(out, f"rank{rank}.log"), "w") as fh:
+            fh.write(traceback.format_exc())
+        raise
+
+
+def main():
+    rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    run_rank(rank, world, port, out, sys.argv[5] if len(sys.argv) > 5 else "all")
 
 
 if __name__ == "__main__":

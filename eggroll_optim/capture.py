@@ -132,6 +132,7 @@ class CompiledStep:
 
     def _capture(self, args) -> None:
         opt = self.opt
+        _make_capturable(opt.inner, self.device)  # again: a load_state_dict puts the saved groups' flags back
         self.static = [a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args]
         self.baked = [{k: g[k] for k in BAKED if k in g} for g in opt.inner.param_groups]
         opt._noise().reseed()  # the seeds the capture's draws set: inside a capture seeding only confirms

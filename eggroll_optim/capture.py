@@ -145,6 +145,15 @@ class CompiledStep:
         try:
             with torch.cuda.graph(self.graph):
                 self.out = self._run(self.static)
+        except RuntimeError as error:
+            self.graph = None
+            if "captur" not in str(error).lower():
+                raise
+            raise RuntimeError(
+                "compile_step could not capture the step in a CUDA graph: the closure or the model synchronises "
+                "with the host (.item(), bool() or print of a tensor, data-dependent shapes such as nonzero or "
+                f"boolean indexing). Remove the sync, or use opt.step(closure). CUDA said: {error}"
+            ) from error
         except BaseException:
             self.graph = None
             raise

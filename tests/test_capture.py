@@ -152,3 +152,24 @@ def test_cartpole_fixed_length_rollout_is_the_eager_rollout():
         assert torch.equal(torch.as_tensor(a["metric"]), b["metric"]) and int(a["env_steps"]) == int(b["env_steps"])
     for p, q in zip(eager.model.parameters(), graphable.model.parameters()):
         assert torch.equal(p, q)
+
+
+@pytest.mark.cuda
+def test_a_closure_that_syncs_is_named_and_the_optimizer_stays_usable():
+    model = _mlp().cuda()
+    opt = EggrollOptimizer(model, lr=0.05, sigma=0.05, rank=2, population_size=16)
+
+    def closure(x, y):
+        loss = per_member_cross_entropy(model(x), y)
+        if bool(loss.sum() > 0):  # a host sync
+            return loss
+        return -loss
+
+    compiled = opt.compile_step(closure)
+    (x, y), = _batches((12,), 8, "cuda", 1)
+    compiled(x, y)  # the eager warm-up step
+    with pytest.raises(RuntimeError, match="synchronises with the host"):
+        compiled(x, y)
+    assert opt.population is None and opt.step_count == 1
+    opt.step(lambda: closure(x, y))  # eager steps still work
+    assert opt.step_count == 2

@@ -9,11 +9,13 @@ Fused paths (``fused=`` of ``EggrollOptimizer``: ``None`` uses them where they a
 insists and raises where they cannot run, ``False`` never uses them):
 
 - ``nn.Sequential(Linear, Tanh|ReLU, Linear)`` blocks run through ``kernels.fast.perturbed_mlp``
-  (one Triton kernel on CUDA with the hidden layer kept on chip; cache-sized member chunks for a
-  shared CPU batch). Elsewhere the block runs layer by layer through the Linear rule: the same
-  numbers up to rounding.
+  (one Triton kernel on CUDA with the hidden layer kept on chip; ``kernels.cpu_mlp`` for a float32
+  or float64 CPU input, shared or per member). Elsewhere the block runs layer by layer through the
+  Linear rule: the same numbers up to rounding.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn as nn
@@ -42,10 +44,9 @@ def mlp_block_names(block: nn.Sequential) -> tuple[str, ...]:
     return ("0.weight", "2.weight")
 
 
-def _layer(call, linear: nn.Linear):
+def _layer(call, linear: nn.Linear, factors):
     """``(W, None, factors)`` and the bias ``(n, out)`` per member (or ``None``); ``factors`` is the chunk's
     ``noise.Pairs`` as it is, so the fused kernel can work per antithetic pair."""
-    factors = call.chunk_factors(linear.weight)
     bias = linear.bias
     if bias is not None:
         bias, per_member = physical(bias, call.level)
@@ -53,34 +54,58 @@ def _layer(call, linear: nn.Linear):
     return (linear.weight, None, factors), bias
 
 
-def _fast_input(call, block, x):
-    """``(x2, shared, unbatched)`` in ``perturbed_mlp``'s layout, or ``None`` where it cannot run."""
-    if call.chunk_factors(block[0].weight) is None or call.chunk_factors(block[2].weight) is None:
-        return None
+def _fast_input(call, first: nn.Linear, x):
+    """``(x2, shared)`` in ``perturbed_mlp``'s layout, or ``None`` where it cannot run."""
     xp, per_member = physical(x, call.level)
-    if xp.dtype != block[0].weight.dtype or _functorch.is_batchedtensor(xp):
+    if xp.dtype != first.weight.dtype or _functorch.is_batchedtensor(xp):
         return None
     if per_member:
         x2 = xp.reshape(xp.shape[0], -1, xp.shape[-1])
     else:
         x2 = xp.reshape(-1, xp.shape[-1])
-    if x2.shape[-2] == 0 or not mlp_fast_path(x2, block[0].out_features, not per_member):
+    if x2.shape[-2] == 0 or not mlp_fast_path(x2, first.out_features, not per_member):
         return None  # (mlp_fast_path holds the kernel's limits: dtype, device, hidden width)
     return x2, not per_member
 
 
-def mlp_block_forward(call, block: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-    fast = _fast_input(call, block, x) if call.fused is not False else None
+@contextlib.contextmanager
+def _outside(level: int):
+    """Run the fused block below vmap ``level`` (when it is the innermost transform): it works on
+    unwrapped tensors (``physical``), and every op would otherwise pass through vmap's dispatch (a few
+    µs each, a sizeable part of the per-member CPU path at one row per member)."""
+    if _functorch.current_level() != level:
+        yield
+        return
+    saved = _functorch.pop_dynamic_layer_stack()
+    try:
+        yield
+    finally:
+        _functorch.push_dynamic_layer_stack(saved)
+
+
+def _fused_forward(call, block: nn.Sequential, first: nn.Linear, second: nn.Linear, factors: tuple, x):
+    """The block through ``perturbed_mlp``: ``(n, M, out)``, or ``None`` where it cannot run."""
+    fast = _fast_input(call, first, x)
     if fast is None:
-        if call.fused is True:
-            raise RuntimeError(f"fused=True, but the fused MLP kernel cannot run this block on an input of "
-                               f"{x.dtype} on {x.device} (it needs float32 on CUDA with Triton, or a shared CPU batch)")
-        h = block[1](linear_forward(call, block[0], x))
-        return linear_forward(call, block[2], h)
+        return None
     x2, shared = fast
-    call.fired.update((block[0], block[2]))
-    layer1, b1 = _layer(call, block[0])
-    layer2, b2 = _layer(call, block[2])
-    out = perturbed_mlp(x2, layer1, layer2, mlp_block_activation(block), shared, (b1, b2))  # (n, M, out)
-    n = out.shape[0]
-    return logical(out.view(n, *x.shape[:-1], out.shape[-1]), call.level)
+    call.fired.update((first, second))
+    layer1, b1 = _layer(call, first, factors[0])
+    layer2, b2 = _layer(call, second, factors[1])
+    return perturbed_mlp(x2, layer1, layer2, mlp_block_activation(block), shared, (b1, b2))
+
+
+def mlp_block_forward(call, block: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    first, _, second = block  # unpacked once (Sequential's indexing is slow next to a small kernel)
+    factors = call.chunk_factors(first.weight), call.chunk_factors(second.weight)
+    if call.fused is not False and None not in factors:
+        with _outside(call.level):
+            out = _fused_forward(call, block, first, second, factors, x)
+        if out is not None:
+            return logical(out.view(out.shape[0], *x.shape[:-1], out.shape[-1]), call.level)
+    if call.fused is True:
+        raise RuntimeError(f"fused=True, but the fused MLP kernel cannot run this block on an input of "
+                           f"{x.dtype} on {x.device} (it needs float32 on CUDA with Triton, or float32/float64 on CPU, "
+                           f"in the weights' dtype)")
+    h = block[1](linear_forward(call, first, x))
+    return linear_forward(call, second, h)

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...noise import Pairs
-from ..cpu_mlp import perturbed_mlp_cpu
+from ..cpu_mlp import perturbed_mlp_cpu, perturbed_mlp_cpu_members
 from ..mlp import ACTIVATIONS, mlp_layer, perturbed_mlp_reference
 from ._triton import activate as _activate
 from ._triton import autotune as _autotune
@@ -245,14 +245,23 @@ def fused_mlp_available(x: torch.Tensor, hidden: int) -> bool:
 
 
 def mlp_fast_path(x: torch.Tensor, hidden: int, shared: bool) -> bool:
-    """``perturbed_mlp`` beats the per-layer path: the fused kernel applies, or a shared CPU input
-    (chunked through the caches)."""
-    return fused_mlp_available(x, hidden) or _cpu_shared(x, shared)
+    """``perturbed_mlp`` beats the per-layer path: the fused kernel applies, or a float32/float64 CPU
+    input, shared ``(M, in)`` or per member ``(N, M, in)`` (``kernels.cpu_mlp``)."""
+    return _cpu_shared(x, shared) or _cpu_members(x, shared) or fused_mlp_available(x, hidden)
+
+
+def _cpu_input(x: torch.Tensor) -> bool:
+    return x.is_cpu and x.dtype in (torch.float32, torch.float64) and x.shape[-2] > 0
 
 
 def _cpu_shared(x: torch.Tensor, shared: bool) -> bool:
-    """A shared, non-empty float32/float64 CPU batch: ``kernels.cpu_mlp``'s case."""
-    return shared and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.shape[-2] > 0
+    """A shared, non-empty float32/float64 CPU batch ``(M, in)``: ``kernels.cpu_mlp``'s first case."""
+    return shared and x.dim() == 2 and _cpu_input(x)
+
+
+def _cpu_members(x: torch.Tensor, shared: bool) -> bool:
+    """Non-empty float32/float64 CPU rows per member ``(N, M, in)``: ``perturbed_mlp_cpu_members``."""
+    return not shared and x.dim() == 3 and _cpu_input(x)
 
 
 def _project(x, B, shared, B_pair=None):
@@ -345,7 +354,8 @@ def _fused_rows(x, layer1, layer2, activation, bias_noise):
 
 
 def perturbed_mlp(x, layer1, layer2, activation="tanh", shared=True, bias_noise=(None, None)) -> torch.Tensor:
-    """``Linear -> activation -> Linear`` for every member: fused on CUDA, chunked on CPU (shared input).
+    """``Linear -> activation -> Linear`` for every member: fused on CUDA, ``kernels.cpu_mlp`` on CPU
+    (float32/float64, shared or per-member input).
 
     Args:
         x: shared input ``(M, in)`` (``shared=True``) or per member ``(N, M, in)``.
@@ -367,6 +377,8 @@ def perturbed_mlp(x, layer1, layer2, activation="tanh", shared=True, bias_noise=
                 return _fused_rows(x, layer1, layer2, activation, bias_noise)
             return perturbed_mlp_reference(x, layer1, layer2, activation, shared, bias_noise)
         return _fused(x, layer1, layer2, activation, shared, bias_noise)
-    if x.dim() == 2 and _cpu_shared(x, shared):  # chunked through the CPU caches
+    if _cpu_shared(x, shared):  # chunked through the CPU caches
         return perturbed_mlp_cpu(x, layer1, layer2, activation, shared, bias_noise)
+    if _cpu_members(x, shared):  # per-member rows: per-population effective weights / factor layouts
+        return perturbed_mlp_cpu_members(x, layer1, layer2, activation, bias_noise)
     return perturbed_mlp_reference(x, layer1, layer2, activation, shared, bias_noise)

@@ -57,7 +57,8 @@ def test_fused_true_raises_where_the_kernel_cannot_run():
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
     opt = EggrollOptimizer(model, population_size=4, fused=True)
     with opt.ask() as population, pytest.raises(RuntimeError, match="fused=True"):
-        model(population.per_member(torch.randn(4, 3, 4)))  # per-member input on CPU: no fused kernel
+        # an input in another dtype than the weights: no fused kernel (a float32 CPU input runs kernels.cpu_mlp)
+        model(population.per_member(torch.randn(4, 3, 4, dtype=torch.float64)))
 
 
 def test_per_layer_path_on_cpu_matches_dense():

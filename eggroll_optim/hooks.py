@@ -206,6 +206,9 @@ def run_members(switch: Switch, plan: Plan, root: nn.Module, chunk, inner, args,
     ``{param: p + e (n, *shape)}``, ``fired`` and ``rows(x)`` (a per-member input's active rows).
     Running statistics are updated once a call, by the mean over members of each member's update.
     """
+    whole = _whole(plan, root, chunk, args, kwargs)
+    if whole is not None:
+        return whole
     flat, spec = tree_flatten((args, kwargs))
     member_at = [i for i, leaf in enumerate(flat) if isinstance(leaf, PerMember)]
     inputs = [chunk.rows(flat[i].tensor) for i in member_at]
@@ -242,6 +245,23 @@ def run_members(switch: Switch, plan: Plan, root: nn.Module, chunk, inner, args,
         for (_, _, buf), c in zip(stats, copies):
             buf.copy_(c.mean(0))
     return _rebuild(tensors, result)
+
+
+def _whole(plan: Plan, root: nn.Module, chunk, args: tuple, kwargs: dict):
+    """The root's rule run on the whole chunk without vmap (``Rule.whole``: a fused MLP block), for one
+    tensor argument and no running statistics; ``None`` where it does not apply."""
+    rule = plan.root_rule
+    if rule is None or rule.whole is None or kwargs or len(args) != 1 or plan.updating_norms():
+        return None
+    x, per_member = args[0], isinstance(args[0], PerMember)
+    if per_member:
+        x = chunk.rows(x.tensor)
+    elif not isinstance(x, torch.Tensor):
+        return None
+    out = rule.whole(chunk, root, x, per_member, plan.fused)
+    if out is not None:
+        chunk.fired.add(root)
+    return out
 
 
 def _rebuild(tensors: list, result: dict):

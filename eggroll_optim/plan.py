@@ -45,6 +45,11 @@ class Plan:
     norms: list = field(default_factory=list)  # BatchNorm/InstanceNorm layers: running statistics
     _users: set | None = None
 
+    @property
+    def root_rule(self):
+        """The root module's rule, or ``None``."""
+        return next((rule for module, rule in self.rules if module is self.root), None)
+
     def updating_norms(self) -> list:
         """The norms that update running statistics on a call now (train mode, tracking)."""
         return [m for m in self.norms if m.training and m.track_running_stats]

@@ -134,6 +134,7 @@ class Population:
         self._on_abort = on_abort  # called when a ``with`` block exits with an exception
         self.fired: set = set()
         self._cache: tuple[int, int, dict] | None = None
+        self._chunk: tuple | None = None  # the last Chunk built, reused while nothing it was built from changed
         self._active: tuple[int, int] | None = None  # the active members [start, stop)
         self._closed = False
         self._set_active(None)
@@ -254,8 +255,17 @@ class Population:
             return [(start, stop)]
         return even_pieces(start, stop, self.planner.fit(key))
 
+    def _chunk_for(self, start: int, stop: int) -> Chunk:
+        """Members ``[start, stop)`` as a ``Chunk``; the previous one again when the same members run with the
+        same noise and unchanged parameters (an RL rollout calls the model hundreds of times a step)."""
+        noise = self._noise_for(start, stop)
+        key = (start, stop, self._active, id(noise), tuple(p._version for p in noise))
+        if self._chunk is None or self._chunk[0] != key:
+            self._chunk = (key, Chunk(self, start, stop, noise, self.plan, outer=self._active))
+        return self._chunk[1]
+
     def _run_piece(self, start: int, stop: int, inner, root, args, kwargs, probe_key):
-        chunk = Chunk(self, start, stop, self._noise_for(start, stop), self.plan, outer=self._active)
+        chunk = self._chunk_for(start, stop)
         if probe_key is None:
             return run_members(self.switch, self.plan, root, chunk, inner, args, kwargs)
         device = self.noise.entries[0][0].device

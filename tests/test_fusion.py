@@ -4,6 +4,8 @@ CPU: the fused path runs under Triton's interpreter in a subprocess (and the def
 the per-layer hooks, checked in the same way); CUDA: compiled (marked ``cuda``).
 """
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -83,3 +85,24 @@ def test_fused_path_in_triton_interpreter_matches_dense():
 @pytest.mark.cuda
 def test_fused_path_on_cuda_matches_dense():
     assert fused_vs_dense("cuda") < 2e-3  # TF32 dots
+
+
+def test_a_root_mlp_block_runs_without_vmap_and_sees_parameter_edits(monkeypatch):
+    """An MLP block as the root runs the whole chunk at once (``Rule.whole``: no vmap), member-exact, and
+    the per-member values it reuses between calls follow an in-place edit of a parameter."""
+    import eggroll_optim.hooks as hooks
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    opt = EggrollOptimizer(model, population_size=6, rank=2, sigma=0.3)
+    plain = copy.deepcopy(model)  # a copy is the plain model: the reference's forward
+    monkeypatch.setattr(hooks, "vmap", lambda *a, **k: pytest.fail("the root block ran under vmap"))
+    obs = torch.randn(6, 4, dtype=torch.float64)
+    with opt.ask() as population, torch.no_grad():
+        for _ in range(2):
+            out = model(population.per_member(obs))
+            for i in range(6):
+                ref = torch.func.functional_call(plain, population.member_state_dict(i), obs[i])
+                torch.testing.assert_close(out[i], ref, rtol=0, atol=1e-12)
+            model[0].bias.add_(1.0)  # the next call must see it
+    opt.discard()

@@ -41,6 +41,9 @@ class Rule:
     zero_row: Callable[[nn.Module, str], int | None] = lambda module, name: None
     matches: Callable[[nn.Module], bool] = lambda module: True  # beyond the type check
     fused: bool = False  # a fused fast path: only with fused=None/True
+    # the module as the root, the whole chunk at once without vmap: whole(chunk, module, x, per_member,
+    # fused) -> (n, *out), or None to run under vmap (one tensor argument, no running statistics)
+    whole: Callable | None = None
 
 
 def _weight(module: nn.Module) -> tuple[str, ...]:
@@ -49,7 +52,7 @@ def _weight(module: nn.Module) -> tuple[str, ...]:
 
 RULES: tuple[Rule, ...] = (
     Rule((nn.Sequential,), fused.mlp_block_names, fused.mlp_block_forward,
-         matches=lambda module: mlp_block_activation(module) is not None, fused=True),
+         matches=lambda module: mlp_block_activation(module) is not None, fused=True, whole=fused.mlp_block_whole),
     Rule((nn.Linear,), _weight, linear.linear_forward),
     Rule((nn.Conv1d, nn.Conv2d, nn.Conv3d), _weight, linear.conv_forward, linear.check_conv),
     Rule((nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), _weight,

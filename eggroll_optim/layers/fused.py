@@ -24,7 +24,7 @@ from torch._C import _functorch
 from ..kernels.fast import mlp_block_activation, mlp_fast_path, perturbed_mlp
 from .linear import linear_forward
 
-__all__ = ["logical", "mlp_block_forward", "mlp_block_names", "physical"]
+__all__ = ["logical", "mlp_block_forward", "mlp_block_names", "mlp_block_whole", "physical"]
 
 
 def physical(x: torch.Tensor, level: int) -> tuple[torch.Tensor, bool]:
@@ -44,19 +44,18 @@ def mlp_block_names(block: nn.Sequential) -> tuple[str, ...]:
     return ("0.weight", "2.weight")
 
 
-def _layer(call, linear: nn.Linear, factors):
-    """``(W, None, factors)`` and the bias ``(n, out)`` per member (or ``None``); ``factors`` is the chunk's
-    ``noise.Pairs`` as it is, so the fused kernel can work per antithetic pair."""
+def _bias(call, linear: nn.Linear, n: int) -> torch.Tensor | None:
+    """The layer's bias per member ``(n, out)`` (its per-member value, or the shared one expanded), or ``None``."""
     bias = linear.bias
-    if bias is not None:
-        bias, per_member = physical(bias, call.level)
-        bias = bias if per_member else bias.expand(factors[0].shape[0], -1)
-    return (linear.weight, None, factors), bias
+    if bias is None:
+        return None
+    bias, per_member = physical(bias, call.level)
+    return bias if per_member else bias.expand(n, -1)
 
 
-def _fast_input(call, first: nn.Linear, x):
-    """``(x2, shared)`` in ``perturbed_mlp``'s layout, or ``None`` where it cannot run."""
-    xp, per_member = physical(x, call.level)
+def _fast_input(first: nn.Linear, xp: torch.Tensor, per_member: bool):
+    """``(x2, shared)`` in ``perturbed_mlp``'s layout for the physical input ``xp`` (``(n, ...)`` per member,
+    else shared), or ``None`` where it cannot run."""
     if xp.dtype != first.weight.dtype or _functorch.is_batchedtensor(xp):
         return None
     if per_member:
@@ -66,6 +65,31 @@ def _fast_input(call, first: nn.Linear, x):
     if x2.shape[-2] == 0 or not mlp_fast_path(x2, first.out_features, not per_member):
         return None  # (mlp_fast_path holds the kernel's limits: dtype, device, hidden width)
     return x2, not per_member
+
+
+def _run_block(block, first, second, factors, x2, shared, biases, fired) -> torch.Tensor:
+    """``perturbed_mlp`` on the block: ``(n, M, out)``; ``biases``: each layer's ``(n, out)`` or ``None``."""
+    fired.update((first, second))
+    layers = (first.weight, None, factors[0]), (second.weight, None, factors[1])
+    return perturbed_mlp(x2, *layers, mlp_block_activation(block), shared, biases)
+
+
+def mlp_block_whole(chunk, block: nn.Sequential, x: torch.Tensor, per_member: bool, fused: bool | None):
+    """The root block for the whole chunk without vmap (``hooks.run_members`` asks first): ``x`` is
+    the chunk's rows ``(n, ...)`` of a per-member input, or a shared input. ``(n, *batch, out)``, or
+    ``None`` where the fused path cannot run (then the block runs under vmap)."""
+    first, _, second = block
+    factors = chunk.factors.get(first.weight), chunk.factors.get(second.weight)
+    if fused is False or None in factors:
+        return None
+    fast = _fast_input(first, x, per_member)
+    if fast is None:
+        return None
+    n = factors[0][0].shape[0]
+    biases = tuple(None if layer.bias is None else chunk.values[layer.bias] if layer.bias in chunk.values
+                   else layer.bias.expand(n, -1) for layer in (first, second))
+    out = _run_block(block, first, second, factors, *fast, biases, chunk.fired)
+    return out.view(n, *(x.shape[1:-1] if per_member else x.shape[:-1]), out.shape[-1])
 
 
 @contextlib.contextmanager
@@ -84,15 +108,12 @@ def _outside(level: int):
 
 
 def _fused_forward(call, block: nn.Sequential, first: nn.Linear, second: nn.Linear, factors: tuple, x):
-    """The block through ``perturbed_mlp``: ``(n, M, out)``, or ``None`` where it cannot run."""
-    fast = _fast_input(call, first, x)
+    """The block through ``perturbed_mlp`` inside vmap: ``(n, M, out)``, or ``None`` where it cannot run."""
+    fast = _fast_input(first, *physical(x, call.level))
     if fast is None:
         return None
-    x2, shared = fast
-    call.fired.update((first, second))
-    layer1, b1 = _layer(call, first, factors[0])
-    layer2, b2 = _layer(call, second, factors[1])
-    return perturbed_mlp(x2, layer1, layer2, mlp_block_activation(block), shared, (b1, b2))
+    biases = tuple(_bias(call, layer, factors[0][0].shape[0]) for layer in (first, second))
+    return _run_block(block, first, second, factors, *fast, biases, call.fired)
 
 
 def mlp_block_forward(call, block: nn.Sequential, x: torch.Tensor) -> torch.Tensor:

@@ -78,6 +78,18 @@ def _make_capturable(inner: torch.optim.Optimizer, device: torch.device) -> None
             state["step"] = step.to(device)
 
 
+def _recover_generators(opt, default: torch.Generator, state: tuple[int, int]) -> None:
+    """After a failed capture: torch leaves every generator registered with the graph marked as capturing
+    (its ``CUDAGraph.capture_end`` raises before it releases them), and each later draw from them fails.
+    The optimizer's own generators are dropped (new ones are made on the next draw, with the same
+    seeds); the device's default generator gets a fresh state at the seed and offset it had before."""
+    for pool in opt._generators.values():
+        pool.generators.clear()
+    default.graphsafe_set_state(torch.Generator(device=default.device).graphsafe_get_state())
+    default.manual_seed(state[0])
+    default.set_offset(state[1])
+
+
 class CompiledStep:
     """``opt.compile_step(closure)``'s callable (see ``EggrollOptimizer.compile_step``)."""
 
@@ -138,6 +150,9 @@ class CompiledStep:
         opt._noise().reseed()  # the seeds the capture's draws set: inside a capture seeding only confirms
         generators = [g for pool in opt._generators.values() for g in pool.generators.values()]
         host = (opt._step_count, [g["sigma"] for g in opt.param_groups])
+        default = torch.cuda.default_generators[self.device.index if self.device.index is not None
+                                                else torch.cuda.current_device()]
+        default_state = (default.initial_seed(), default.get_offset())
         self.graph = torch.cuda.CUDAGraph()
         for gen in generators:
             self.graph.register_generator_state(gen)
@@ -147,6 +162,7 @@ class CompiledStep:
                 self.out = self._run(self.static)
         except RuntimeError as error:
             self.graph = None
+            _recover_generators(opt, default, default_state)
             if "captur" not in str(error).lower():
                 raise
             raise RuntimeError(
@@ -156,6 +172,7 @@ class CompiledStep:
             ) from error
         except BaseException:
             self.graph = None
+            _recover_generators(opt, default, default_state)
             raise
         finally:  # the capture ran no kernel: the host's state goes back to before it
             opt._step_count = host[0]

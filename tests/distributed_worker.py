@@ -1,8 +1,8 @@
 """One rank of the distributed tests: ``run_rank(rank, world, port, out, scenario)``.
 
-``tests/test_distributed.py`` runs each rank as a process forked from a multiprocessing forkserver
-that has imported torch and ``eggroll_optim`` once: a fresh interpreter per rank would pay seconds
-of imports, and more tearing torch down at exit. By hand:
+``tests/test_distributed.py`` runs each rank as a process forked from a server that has imported
+torch and ``eggroll_optim`` once (``tests/forked.py``): a fresh interpreter per rank would pay
+seconds of imports, and more tearing torch down at exit. By hand:
 ``python distributed_worker.py RANK WORLD PORT OUT [SCENARIO]``.
 
 World size 1 runs without a process group: the single-process reference. Every scenario runs a few

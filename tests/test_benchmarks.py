@@ -1,8 +1,13 @@
 """The benchmark scripts' --quick mode on CPU: exit 0, JSON with the expected keys, a table printed last.
 
-Each script runs in a subprocess (as run_all.sh runs it) with one CPU thread, which keeps the
-quick runs short and steady on a loaded machine. run_all.sh is checked with a stub interpreter
-that fails one script, to show the others still run and every JSON lands in the output folder.
+Each script runs as run_all.sh runs it, ``python SCRIPT ARGS``, with one CPU thread, which keeps
+the quick runs short and steady on a loaded machine: in its own process, forked from a server that
+imported torch and ``eggroll_optim`` once (``tests/forked.py``: a fresh interpreter paid ~7 s of
+imports and teardown per script). The module starts them all at once (as many at a time as there
+are cores, plus one: the tests check outputs, not timings) and each test waits for its own.
+run_all.sh is checked with a stub interpreter that fails one script, to show the others still run
+and every JSON lands in the output folder; ``sweep_kernels.py`` on a machine without a GPU, in a
+fresh interpreter that starts with ``CUDA_VISIBLE_DEVICES`` empty.
 """
 from __future__ import annotations
 
@@ -10,8 +15,10 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from forked import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
@@ -21,11 +28,33 @@ CEILINGS = {"matmul_bf16_tflops", "matmul_tf32_tflops", "copy_gbps"}
 pytestmark = pytest.mark.slow
 
 
-def run_quick(script: str, tmp_path, last: str, *extra: str) -> tuple[dict, str]:
-    out = tmp_path / f"{script}.json"
-    cmd = [sys.executable, os.path.join(BENCH, f"{script}.py"), "--quick", "--device", "cpu", "--threads", "1",
-           "--out", str(out), *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+CPU = ("--device", "cpu", "--threads", "1")
+RUNS = {  # name: (script, flags); each run writes <name>.json
+    **{script: (script, ("--quick", *CPU)) for script in
+       ("bench_microbench", "bench_mnist_step", "bench_cartpole", "bench_population")},
+    # --population/--batch without --quick: the CPU 512/64 mode, at a smaller size
+    "flags": ("bench_mnist_step", (*CPU, "--population", "32", "--batch", "8", "--budget", "0.05")),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """``{name: (future of its CompletedProcess, its --out)}`` for every script run here, started together."""
+    folder = tmp_path_factory.mktemp("bench")
+    pool = ThreadPoolExecutor(max_workers=(os.cpu_count() or 1) + 1)
+    started = {name: (pool.submit(run_script, os.path.join(BENCH, f"{script}.py"), *flags,
+                                  "--out", folder / f"{name}.json", cwd=ROOT), folder / f"{name}.json")
+               for name, (script, flags) in RUNS.items()}
+    started["sweep"] = (pool.submit(subprocess.run, [sys.executable, os.path.join(BENCH, "sweep_kernels.py")],
+                                    capture_output=True, text=True, timeout=120,
+                                    env=dict(os.environ, CUDA_VISIBLE_DEVICES="")), None)
+    yield started
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def run_quick(script: str, runs, last: str) -> tuple[dict, str]:
+    future, out = runs[script]
+    proc = future.result()
     assert proc.returncode == 0, f"{script} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     data = json.loads(out.read_text())
     assert META <= set(data["meta"]), data["meta"]
@@ -39,8 +68,8 @@ def run_quick(script: str, tmp_path, last: str, *extra: str) -> tuple[dict, str]
     return data, proc.stdout
 
 
-def test_microbench_quick(tmp_path):
-    data, out = run_quick("bench_microbench", tmp_path, "openes_fly")
+def test_microbench_quick(runs):
+    data, out = run_quick("bench_microbench", runs, "openes_fly")
     variants = {r["variant"] for r in data["rows"]}
     assert variants == {"inference", "pregen_kernel", "pregen_ops", "fly_counter",
                         "fly_counter_accum", "fly_randn", "fly_generate", "fly_keyed", "openes_stored",
@@ -52,8 +81,8 @@ def test_microbench_quick(tmp_path):
     assert "Fig.2a microbench" in out
 
 
-def test_mnist_step_quick(tmp_path):
-    data, out = run_quick("bench_mnist_step", tmp_path, "naive")
+def test_mnist_step_quick(runs):
+    data, out = run_quick("bench_mnist_step", runs, "naive")
     variants = [r["variant"] for r in data["rows"]]
     assert variants == ["inference", "functional_fx", "functional_hand", "optimizer", "naive"]
     for key in ("naive_over_functional_fx", "naive_over_functional_hand", "naive_over_optimizer",
@@ -63,19 +92,17 @@ def test_mnist_step_quick(tmp_path):
     assert "peak_gb" in data["rows"][0]
 
 
-def test_mnist_step_population_flags(tmp_path):
+def test_mnist_step_population_flags(runs):
     """--population/--batch override the sizes (the CPU 512/64 mode, at a smaller size)."""
-    out = tmp_path / "m.json"
-    cmd = [sys.executable, os.path.join(BENCH, "bench_mnist_step.py"), "--device", "cpu", "--threads", "1",
-           "--population", "32", "--batch", "8", "--budget", "0.05", "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    future, out = runs["flags"]
+    proc = future.result()
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
     assert (data["config"]["population"], data["config"]["batch"]) == (32, 8)
 
 
-def test_cartpole_quick(tmp_path):
-    data, out = run_quick("bench_cartpole", tmp_path, "gym_vector")
+def test_cartpole_quick(runs):
+    data, out = run_quick("bench_cartpole", runs, "gym_vector")
     seen = {(r["variant"], r["envs"]) for r in data["rows"]}
     for N in (16, 64):
         assert {("env_only", N), ("plain_policy", N), ("eggroll", N)} <= seen
@@ -84,8 +111,8 @@ def test_cartpole_quick(tmp_path):
         assert r["msteps_per_s"] > 0
 
 
-def test_population_quick(tmp_path):
-    data, out = run_quick("bench_population", tmp_path, "64")
+def test_population_quick(runs):
+    data, out = run_quick("bench_population", runs, "64")
     assert [r["N"] for r in data["rows"]] == [16, 32, 64]
     for r in data["rows"]:
         assert r["step_ms"] > 0 and r["member_samples_per_s"] > 0 and r["ratio_vs_inference"] > 0
@@ -140,7 +167,6 @@ def test_checks_poison_and_failures(capsys):
     assert fl["floor_bound"] == "flops" and abs(fl["floor_ms"] - 20.0) < 1e-9
 
 
-def test_sweep_kernels_says_it_needs_a_gpu_on_cpu():
-    proc = subprocess.run([sys.executable, os.path.join(BENCH, "sweep_kernels.py")], capture_output=True, text=True,
-                          timeout=120, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+def test_sweep_kernels_says_it_needs_a_gpu_on_cpu(runs):
+    proc = runs["sweep"][0].result()
     assert proc.returncode == 1 and "needs a CUDA GPU" in proc.stderr

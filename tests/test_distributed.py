@@ -1,16 +1,16 @@
 """A population split across gloo ranks on localhost equals the single-process run.
 
 Each test runs ``distributed_worker.run_rank`` in one process per rank (gloo over 127.0.0.1). The
-processes are forked from a multiprocessing forkserver that imported the worker (torch and
-``eggroll_optim`` with it) once for the whole file, and exit without tearing the interpreter down:
-a fresh interpreter per rank paid ~5 s of imports and ~2 s of teardown, 9 times.
+processes are forked from a server that imported torch and ``eggroll_optim`` once (``tests/forked.py``)
+and exit without tearing the interpreter down: a fresh interpreter per rank paid ~5 s of imports and
+~2 s of teardown, 9 times.
 """
-import multiprocessing
 import socket
 import time
 
 import pytest
 import torch
+from forked import start
 
 from eggroll_optim.distributed import choose_strategy, member_shares
 
@@ -23,25 +23,12 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _forkserver():
-    if "forkserver" not in multiprocessing.get_all_start_methods():  # Windows: a fresh interpreter per rank
-        return multiprocessing.get_context("spawn")
-    ctx = multiprocessing.get_context("forkserver")
-    # the server imports these once (forkserver ignores the caller's sys.path: installed modules only); a rank
-    # imports the worker itself. No effect if the server already runs: slower, the same result.
-    ctx.set_forkserver_preload(["torch", "torch.distributed", "eggroll_optim"])
-    return ctx
-
-
 def _launch(world: int, out, scenario: str = "all", timeout: float = 120):
     """Exit codes of the ``world`` ranks and what each wrote to ``rank{R}.log`` (a traceback, if it raised)."""
     import distributed_worker
 
-    ctx, port = _forkserver(), _port()
-    procs = [ctx.Process(target=distributed_worker.run_rank, args=(r, world, port, str(out), scenario), daemon=True)
-             for r in range(world)]
-    for p in procs:
-        p.start()
+    port = _port()
+    procs = [start(distributed_worker.run_rank, r, world, port, str(out), scenario) for r in range(world)]
     deadline = time.monotonic() + timeout
     for p in procs:
         p.join(max(0.0, deadline - time.monotonic()))

@@ -58,6 +58,19 @@ def cartpole_torch(tmp_path_factory):
     return out, _run(out, "--experiment", "cartpole", "--env-backend", "torch")
 
 
+# resuming is checked for exactness, not learning: 16 members (short episodes), 5 steps, a checkpoint every 2
+SMALL = ("--experiment", "cartpole", "--env-backend", "torch", "--population-size", "16")
+
+
+@pytest.fixture(scope="module")
+def cartpole_small(tmp_path_factory):
+    """The uninterrupted small run the resumed ones must equal."""
+    out = tmp_path_factory.mktemp("cartpole_small")
+    _run(out, *SMALL, "--max-epochs", "5")
+    _check_outputs(out, 5)
+    return out
+
+
 def test_cartpole_gymnasium_learns_and_evaluates(tmp_path):
     pytest.importorskip("gymnasium")
     summary = _run(tmp_path, "--experiment", "cartpole")
@@ -76,20 +89,17 @@ def test_cartpole_torch_backend_learns(cartpole_torch):
     assert len(summary["eval_returns"]) == 10
 
 
-def test_resume_continues_to_the_uninterrupted_result(tmp_path, cartpole_torch):
-    full, _ = cartpole_torch
-    flags = ("--experiment", "cartpole", "--env-backend", "torch")
-    first = _run(tmp_path, *flags, "--max-epochs", "3")
+def test_resume_continues_to_the_uninterrupted_result(tmp_path, cartpole_small):
+    first = _run(tmp_path, *SMALL, "--max-epochs", "3")
     assert first["steps"] == 3 and torch.load(tmp_path / CHECKPOINT, weights_only=True)["step"] == 3
-    resumed = _run(tmp_path, *flags, "--max-epochs", "6", "--resume")
-    assert resumed["steps"] == 6 and resumed["resumed_from_step"] == 3
-    _check_outputs(tmp_path, 6)
-    _same_trajectory(full, tmp_path)
+    resumed = _run(tmp_path, *SMALL, "--max-epochs", "5", "--resume")
+    assert resumed["steps"] == 5 and resumed["resumed_from_step"] == 3
+    _check_outputs(tmp_path, 5)
+    _same_trajectory(cartpole_small, tmp_path)
 
 
-def test_crash_while_saving_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, cartpole_torch):
+def test_crash_while_saving_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, cartpole_small):
     """The save at step 4 dies half-written; the step-2 checkpoint survives and resumes exactly."""
-    full, _ = cartpole_torch
     real_save, calls = torch.save, []
 
     def dying_save(obj, f, *args, **kwargs):
@@ -99,17 +109,16 @@ def test_crash_while_saving_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
             raise OSError("No space left on device")
         real_save(obj, f, *args, **kwargs)
 
-    flags = ("--experiment", "cartpole", "--env-backend", "torch")
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(OSError, match="No space"):
-        _run(tmp_path, *flags)
+        _run(tmp_path, *SMALL, "--max-epochs", "5")
     monkeypatch.undo()
     assert calls == [2, 4]
     assert torch.load(tmp_path / CHECKPOINT, weights_only=True)["step"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT, "metrics.jsonl"]
-    resumed = _run(tmp_path, *flags, "--resume")
-    assert resumed["resumed_from_step"] == 2
-    _same_trajectory(full, tmp_path)
+    resumed = _run(tmp_path, *SMALL, "--max-epochs", "5", "--resume")
+    assert resumed["resumed_from_step"] == 2 and resumed["steps"] == 5
+    _same_trajectory(cartpole_small, tmp_path)
 
 
 @needs_mnist
@@ -157,7 +166,7 @@ def test_hyperscale_quick_writes_the_table(tmp_path):
 def test_cartpole_without_gymnasium_falls_back_to_the_torch_env(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "gymnasium", None)  # `import gymnasium` now raises ImportError
     with pytest.warns(UserWarning, match="gymnasium is not installed"):
-        summary = _run(tmp_path, "--experiment", "cartpole", "--max-epochs", "2")
+        summary = _run(tmp_path, "--experiment", "cartpole", "--max-epochs", "2", "--population-size", "16")
     assert summary["config"]["env_backend"] == "torch"
     assert torch.load(tmp_path / CHECKPOINT, weights_only=True)["config"]["env_backend"] == "torch"
     assert summary["eval_backend"] == "torch" and len(summary["eval_returns"]) == 10

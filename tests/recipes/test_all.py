@@ -2,29 +2,30 @@
 statuses, ``<out>/summary.json``, and a non-zero exit when one failed."""
 import json
 
-from cli_helpers import one_line_error, run_cli, snapshot
+from cli_helpers import one_line_error, snapshot
 
 from eggroll_optim.recipes import __main__ as cli
 from eggroll_optim.recipes.errors import InputError
 from eggroll_optim.recipes.runner import Interrupted
 
 
-def test_all_with_failing_experiments_runs_the_rest(tmp_path):
-    """The real CLI; the MNIST experiments fail on a data root without MNIST, the others run."""
+def test_all_with_failing_experiments_runs_the_rest(tmp_path, capsys):
+    """The real experiments; the MNIST ones fail on a data root without MNIST, the others run."""
     (tmp_path / "empty").mkdir()
     out = tmp_path / "out"
-    result = run_cli("--experiment", "all", "--quick", "--device", "cpu", "--no-progress", "--out", str(out),
+    code = cli.main(["--experiment", "all", "--quick", "--device", "cpu", "--no-progress", "--out", str(out),
                      "--data-dir", str(tmp_path / "empty"), "--population-size", "8", "--max-epochs", "2",
-                     "--env-backend", "torch", cwd=tmp_path, timeout=300)
-    assert result.returncode == 1, result.stderr
-    assert "Traceback" not in result.stderr
+                     "--env-backend", "torch"])
+    result = capsys.readouterr()
+    assert code == 1, result.err
+    assert "Traceback" not in result.err
     summary = json.loads((out / "summary.json").read_text())
     statuses = {row["experiment"]: row["status"] for row in summary["experiments"]}
     assert statuses == {"cartpole": "completed", "mnist_mlp": "failed", "mnist_cnn": "failed",
                         "hyperscale": "completed"}
     assert summary["status"] == "failed" and summary["failed"] == ["mnist_mlp", "mnist_cnn"]
     assert all("MNIST file(s) missing" in r["detail"] for r in summary["experiments"] if r["status"] == "failed")
-    table = result.stdout[result.stdout.index("experiment  status"):].splitlines()
+    table = result.out[result.out.index("experiment  status"):].splitlines()
     assert [line.split()[:2] for line in table[1:]] == [[n, s] for n, s in statuses.items()]
     assert json.loads((out / "cartpole" / "summary.json").read_text())["steps"] == 2
     assert (out / "hyperscale" / "hyperscale.md").is_file()

@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from cli_helpers import TINY, one_line_error, run_cli, snapshot, start_cli, wait_for
+from cli_helpers import TINY, one_line_error, snapshot, start_cli, wait_for
 
 from eggroll_optim.recipes import runner
 from eggroll_optim.recipes.__main__ import main
@@ -38,13 +38,13 @@ def _same_run(a, b) -> None:
     assert torch.equal(ca["rng"]["cpu"], cb["rng"]["cpu"])
 
 
-def test_a_second_run_into_a_finished_folder_is_refused(tmp_path, mnist_root):
+def test_a_second_run_into_a_finished_folder_is_refused(tmp_path, mnist_root, capsys):
     out = tmp_path / "run"
     assert main(_tiny(out, mnist_root, "--max-epochs", "2")) == 0
     before = snapshot(out)
-    result = run_cli(*_tiny(out, mnist_root, "--max-epochs", "2"), cwd=tmp_path)
-    assert result.returncode == 2
-    line = one_line_error(result.stderr)
+    capsys.readouterr()
+    assert main(_tiny(out, mnist_root, "--max-epochs", "2")) == 2
+    line = one_line_error(capsys.readouterr().err)
     assert str(out) in line and "mnist_mlp" in line and "--resume" in line and "--fresh" in line
     assert snapshot(out) == before
     assert main(_tiny(out, mnist_root, "--max-epochs", "2", "--fresh")) == 0  # beside it, in run-2

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 import pytest
-from cli_helpers import NAMES, TINY, idx_bytes, one_line_error, run_cli, snapshot
+from cli_helpers import NAMES, TINY, cli_env, idx_bytes, one_line_error, snapshot
 
 from eggroll_optim.recipes import download
 from eggroll_optim.recipes.__main__ import main
@@ -29,16 +29,21 @@ def _fails(argv, capsys) -> str:
     return one_line_error(capsys.readouterr().err)
 
 
-def test_missing_file_is_named_and_nothing_is_downloaded(mnist_root, tmp_path):
-    """The real CLI; HTTP(S) proxies point at a closed local port, so a download could not leave."""
+def test_missing_file_is_named_and_nothing_is_downloaded(mnist_root, tmp_path, monkeypatch, capsys):
+    """A download would fail the test, and HTTP(S) proxies point at a closed local port besides."""
+    monkeypatch.setattr(download, "download", _no_download)
+    for name, value in cli_env().items():
+        if name.lower().endswith("_proxy"):
+            monkeypatch.setenv(name, value)
+    monkeypatch.delenv("EGGROLL_DATA_DIR", raising=False)
     root, raw = _copy(mnist_root, tmp_path)
     (raw / "t10k-labels-idx1-ubyte.gz").unlink()
     before = snapshot(root)
-    result = run_cli(*TINY, "--data-dir", str(root), "--out", str(tmp_path / "out"), cwd=tmp_path)
-    assert result.returncode == 2
-    line = one_line_error(result.stderr)
+    assert main([*TINY, "--data-dir", str(root), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    line = one_line_error(err)
     assert "t10k-labels-idx1-ubyte[.gz]" in line and "train-images" not in line
-    assert str(raw) in line and "nothing is downloaded" in line and "downloading" not in result.stderr
+    assert str(raw) in line and "nothing is downloaded" in line and "downloading" not in err
     assert snapshot(root) == before and not (tmp_path / "out").exists()
 
 

@@ -12,8 +12,10 @@ update) replayed from one CUDA graph, the ``torch.optim`` way: state on the devi
   ``momentum``/``betas`` are baked in at capture: changing them later is an error.
 - The inner optimizer takes its sync-free form: ``SGD`` fused (``torch._fused_sgd_`` reads a tensor
   lr), optimizers with a ``capturable`` option (Adam, AdamW, ...) ``capturable=True``.
-- NaN/inf fitness cannot raise inside a graph: such a step's update is zero (``nan_policy="worst"``
-  ranks them last as the eager step does) and is counted; ``check()`` raises for it. The closure's
+- NaN/inf fitness cannot raise inside a graph: such a step's gradient estimate is zero
+  (``nan_policy="worst"`` ranks them last as the eager step does) and the step is counted; ``check()``
+  raises for it. A zero estimate leaves the parameters of plain SGD as they were; momentum, Adam and
+  weight decay still move them, as a zero gradient does, and the step count and sigma decay advance. The closure's
   Python and the step hooks run once, at capture; their kernels replay.
 - On a CPU (no CUDA graphs) each call is an eager ``step``.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch.utils._pytree import tree_flatten, tree_map
 
 __all__ = ["CompiledStep"]
 
@@ -118,11 +121,14 @@ class CompiledStep:
         if len(opt.param_groups) != len(self.scalars.sigma):
             raise RuntimeError("A param group was added after compile_step: call opt.compile_step(...) again")
         opt._mirror.sync()
+        _make_capturable(opt.inner, self.device)  # (a load_state_dict puts the saved groups' flags back)
         self.scalars.fill(opt)
+        if self.graph is not None and self.version != opt._graph_version:
+            self.graph, self.calls = None, 0  # new inner state tensors (a load): warm up and capture again
         if self.calls < self.warmup:
             self.calls += 1
             return self._eager(args)
-        if self.graph is None or self.version != opt._graph_version:
+        if self.graph is None:
             self._capture(args)
         return self._replay(args)
 
@@ -144,8 +150,7 @@ class CompiledStep:
 
     def _capture(self, args) -> None:
         opt = self.opt
-        _make_capturable(opt.inner, self.device)  # again: a load_state_dict puts the saved groups' flags back
-        self.static = [a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args]
+        self.static = tree_map(lambda a: a.detach().clone() if isinstance(a, torch.Tensor) else a, list(args))
         self.baked = [{k: g[k] for k in BAKED if k in g} for g in opt.inner.param_groups]
         opt._noise().reseed()  # the seeds the capture's draws set: inside a capture seeding only confirms
         generators = [g for pool in opt._generators.values() for g in pool.generators.values()]
@@ -182,9 +187,11 @@ class CompiledStep:
 
     def _replay(self, args) -> torch.Tensor:
         opt = self.opt
-        if len(args) != len(self.static):
-            raise TypeError(f"The compiled step was captured with {len(self.static)} argument(s), got {len(args)}")
-        for i, (static, a) in enumerate(zip(self.static, args)):
+        leaves, spec = tree_flatten(list(args))
+        static_leaves, static_spec = tree_flatten(self.static)
+        if spec != static_spec:
+            raise TypeError(f"The compiled step was captured with arguments shaped {static_spec}, got {spec}")
+        for i, (static, a) in enumerate(zip(static_leaves, leaves)):  # tensors inside lists and dicts too
             if isinstance(static, torch.Tensor):
                 if not isinstance(a, torch.Tensor) or a.shape != static.shape or a.dtype != static.dtype:
                     got = f"{tuple(a.shape)} {a.dtype}" if isinstance(a, torch.Tensor) else type(a).__name__
@@ -211,9 +218,9 @@ class CompiledStep:
         return int(self.scalars.flagged) if self.graphed else 0
 
     def check(self) -> None:
-        """Raise ``ValueError`` if a step had NaN/inf fitness and the optimizer's ``nan_policy`` is
-        ``"raise"`` (its update was zero; the parameters are those before it). A host sync: call it
-        where you sync anyway (logging)."""
+        """Raise ``ValueError`` if a step had NaN/inf fitness (or a shaping gave NaN/inf) and the optimizer's
+        ``nan_policy`` is ``"raise"``: that step's gradient estimate was zero (see the module's notes). A
+        host sync: call it where you sync anyway (logging)."""
         if self.graphed and self.opt.nan_policy == "raise" and self.nonfinite_steps:
-            raise ValueError(f"{self.nonfinite_steps} compiled step(s) had NaN/inf fitness: their updates were "
-                             "skipped; pass nan_policy='worst' to rank such members last")
+            raise ValueError(f"{self.nonfinite_steps} compiled step(s) had NaN/inf fitness: their gradient estimates "
+                             "were zero; pass nan_policy='worst' to rank such members last")

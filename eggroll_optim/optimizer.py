@@ -14,7 +14,7 @@ from .options import validate_arguments
 from .plan import FULLRANK_MAX_NUMEL, make_plan
 from .noise import GeneratorPool
 from .population import Population, PopulationNoise
-from .shaping import nan_policy_in_graph, resolve_shaping, shape_checked, validate_fitness, widen
+from .shaping import SHAPINGS, nan_policy_in_graph, resolve_shaping, shape_checked, validate_fitness, widen
 from .state import FORMAT, check_loadable, param_table
 
 __all__ = ["EggrollOptimizer"]
@@ -258,9 +258,9 @@ class EggrollOptimizer(torch.optim.Optimizer):
                 lowrank = self._plan.is_lowrank(p)
                 zero_row = self._plan.zero_rows.get(p) if lowrank else None  # e.g. padding_idx: stays put
                 entries.append((p, key, sigma, group["rank"], lowrank, zero_row))
-                if p not in self._generators:
+                if p not in self._generators or self._generators[p].device != p.device:  # (a model moved)
                     self._generators[p] = GeneratorPool(p.device)
-        return PopulationNoise(entries, self.noise_block, self._generators)
+        return PopulationNoise(entries, self.noise_block, self._generators, distinct=self._graph is not None)
 
     @torch.no_grad()
     def tell(self, fitness: torch.Tensor) -> None:
@@ -278,6 +278,10 @@ class EggrollOptimizer(torch.optim.Optimizer):
             shaped = shape_checked(fitness, self.nan_policy, self.shaping)  # the NaN policy, then the shaping
         else:  # a captured step: no host sync (capture.py)
             shaped = self.shaping(nan_policy_in_graph(widen(fitness), self.nan_policy, self._graph.flagged))
+            if self.shaping not in SHAPINGS.values():  # a callable's NaN/inf: a zero estimate, counted
+                finite = torch.isfinite(shaped).all()
+                self._graph.flagged.add_(~finite)
+                shaped = torch.where(finite, shaped, torch.zeros_like(shaped))
         missing = [p for p in population.noise.params if not any(m in population.fired for m in self._plan.users[p])]
         if missing:
             names = self._plan.names

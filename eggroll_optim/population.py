@@ -19,6 +19,10 @@ from .noise import antithetic_pairs, keyed_pair_normals, noise_dtype, noise_key
 __all__ = ["Chunk", "Population", "PopulationNoise"]
 
 
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 class PopulationNoise:
     """Keys and scales of every evolved parameter for one step.
 
@@ -28,12 +32,12 @@ class PopulationNoise:
     ``generators``: ``{param: noise.GeneratorPool}`` kept by the optimizer across steps (or None).
     """
 
-    def __init__(self, entries: list, block_pairs: int, generators: dict | None = None):
+    def __init__(self, entries: list, block_pairs: int, generators: dict | None = None, distinct: bool = False):
         self.entries, self.block_pairs = entries, block_pairs
         self._blocks: dict = {}  # the latest drawn block per parameter, shared by consecutive chunks
         self.generators = generators
         for pool in (generators or {}).values():
-            pool.begin()
+            pool.begin(distinct)
 
     @property
     def params(self) -> list:
@@ -228,8 +232,8 @@ class Population:
             try:
                 outputs.append(self._run_piece(*piece, inner, root, args, kwargs, key if measure else None))
             except torch.OutOfMemoryError:
-                if halved or piece[1] - piece[0] < 4:
-                    raise
+                if halved or piece[1] - piece[0] < 4 or _capturing():
+                    raise  # (inside a CUDA graph's capture the failed piece's kernels are recorded already)
                 failed = halved = True  # retried below, once the failed piece's tensors are freed
             if failed:
                 todo = self._halved(piece, stop, key)
@@ -257,9 +261,11 @@ class Population:
 
     def _chunk_for(self, start: int, stop: int) -> Chunk:
         """Members ``[start, stop)`` as a ``Chunk``; the previous one again when the same members run with the
-        same noise and unchanged parameters (an RL rollout calls the model hundreds of times a step)."""
+        same noise and unchanged parameters (an RL rollout calls the model hundreds of times a step). A
+        parameter edited in place or replaced is seen (its version, its storage); an in-place edit through
+        ``p.data`` is not: edit parameters under ``torch.no_grad()`` instead."""
         noise = self._noise_for(start, stop)
-        key = (start, stop, self._active, id(noise), tuple(p._version for p in noise))
+        key = (start, stop, self._active, id(noise), tuple((p._version, p.data_ptr()) for p in noise))
         if self._chunk is None or self._chunk[0] != key:
             self._chunk = (key, Chunk(self, start, stop, noise, self.plan, outer=self._active))
         return self._chunk[1]

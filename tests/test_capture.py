@@ -186,3 +186,48 @@ def test_a_closure_that_syncs_is_named_and_the_optimizer_stays_usable():
 
     done = subprocess.run([sys.executable, "-c", _SYNCING_CLOSURE], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def test_a_replay_copies_every_tensor_of_nested_arguments_and_checks_them():
+    """The replay's argument handling (CPU, with a stand-in graph): tensors inside lists and dicts are
+    copied into the captured ones; another structure, shape or non-tensor value is an error."""
+    from types import SimpleNamespace
+
+    model = _mlp()
+    opt = EggrollOptimizer(model, population_size=8)
+    compiled = opt.compile_step(lambda batch, scale: None)
+    compiled.static = [{"x": torch.zeros(2, 3)}, 1.0]
+    compiled.baked = [{} for _ in opt.inner.param_groups]
+    compiled.graph, compiled.out, replays = SimpleNamespace(replay=lambda: replays.append(1)), torch.zeros(()), []
+    compiled._replay(({"x": torch.ones(2, 3)}, 1.0))
+    assert torch.equal(compiled.static[0]["x"], torch.ones(2, 3)) and replays == [1] and opt.step_count == 1
+    with pytest.raises(ValueError, match="captured as"):
+        compiled._replay(({"x": torch.ones(3, 3)}, 1.0))
+    with pytest.raises(TypeError, match="shaped"):
+        compiled._replay(({"y": torch.ones(2, 3)}, 1.0))
+    with pytest.raises(ValueError, match="not a tensor"):
+        compiled._replay(({"x": torch.ones(2, 3)}, 2.0))
+    assert replays == [1]
+
+
+def test_graph_mode_tell_zeroes_the_estimate_of_a_nonfinite_shaping_and_counts_it():
+    """The optimizer's graph-mode tell (what a capture records), run eagerly on CPU: a shaping callable
+    that returns NaN gives a zero estimate (plain SGD: nothing moves) and is counted; a finite one
+    updates as the eager tell does."""
+    from eggroll_optim.capture import GraphScalars
+
+    def run(shaping, graph):
+        model = _mlp()
+        opt = EggrollOptimizer(model, population_size=8, fitness_shaping=shaping, seed=1)
+        if graph:
+            opt._graph = GraphScalars(opt, torch.device("cpu"))
+        (x, y), = _batches((12,), 4, "cpu", 1)
+        opt.step(lambda: per_member_cross_entropy(model(x), y))
+        return model, opt
+
+    nan_model, nan_opt = run(lambda f: f * float("nan"), True)
+    assert all(torch.equal(p, q) for p, q in zip(nan_model.parameters(), _mlp().parameters()))
+    assert int(nan_opt._graph.flagged) == 1
+    (m1, _), (m2, o2) = run(lambda f: f - f.mean(), True), run(lambda f: f - f.mean(), False)
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)

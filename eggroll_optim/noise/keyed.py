@@ -109,23 +109,26 @@ def keyed_pair_normals(
 class GeneratorPool:
     """The generators of one parameter's keyed draws, kept across steps (``EggrollOptimizer``).
 
-    Within a step (``begin()`` starts one), the ``j``-th draw of block ``b`` takes generator
-    ``(b, j)``, so each generator is seeded once a step and draws once. That is what a CUDA graph
-    needs (``capture.py``): it registers these generators, and before each replay ``reseed(key)``
-    seeds every one as the step's draws would (seeding inside a capture only confirms the seed, and
-    a generator that drew twice would continue its stream instead of restarting it).
+    An eager step takes one generator per block, re-seeded at each draw. A compiled step
+    (``begin(distinct=True)``, ``capture.py``) takes for the ``j``-th draw of block ``b`` in the step
+    generator ``(b, j)``, so each is seeded once a step and draws once: a CUDA graph registers them, and
+    before each replay ``reseed(key)`` seeds every one as the step's draws would (seeding inside a
+    capture only confirms the seed, and a generator that drew twice would continue its stream
+    instead of restarting it). Its warm-up step makes the generators its capture will use.
     """
 
     def __init__(self, device: torch.device):
         self.device = torch.device(device)
         self.generators: dict[tuple[int, int], torch.Generator] = {}
         self._uses: dict[int, int] = {}
+        self._distinct = False
 
-    def begin(self) -> None:
+    def begin(self, distinct: bool = False) -> None:
         self._uses.clear()
+        self._distinct = distinct
 
     def take(self, block: int) -> torch.Generator:
-        j = self._uses.get(block, 0)
+        j = self._uses.get(block, 0) if self._distinct else 0
         self._uses[block] = j + 1
         gen = self.generators.get((block, j))
         if gen is None:

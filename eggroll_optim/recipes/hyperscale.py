@@ -113,7 +113,7 @@ def _peak_memory_mib(device: torch.device) -> float | None:
 
 def time_steps(step, steps: int, device: torch.device) -> float:
     """Seconds per call of ``step`` over ``steps`` calls, after three warm-up calls (a compiled step's
-    two eager steps and its capture)."""
+    eager step and its capture among them)."""
     for _ in range(3):
         step()
     if device.type == "cuda":

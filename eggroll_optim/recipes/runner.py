@@ -117,8 +117,7 @@ class Task:
 def step_function(optimizer: EggrollOptimizer, closure, cfg: RunConfig, maximize: bool = False):
     """The recipes' ES step ``fn(*tensors) -> mean loss``: ``optimizer.compile_step(closure)`` (one CUDA
     graph a step) on CUDA in one process with ``cfg.cuda_graph``, else eager ``optimizer.step``."""
-    if cfg.cuda_graph and torch.device(cfg.device).type == "cuda" and optimizer.local_members == slice(
-            0, optimizer.population_size):
+    if cfg.cuda_graph and torch.device(cfg.device).type == "cuda" and getattr(optimizer, "_group", None) is None:
         return optimizer.compile_step(closure, maximize=maximize)
     return lambda *tensors: optimizer.step(lambda: closure(*tensors), maximize=maximize)
 

@@ -166,7 +166,7 @@ class CompiledStep:
             with torch.cuda.graph(self.graph):
                 self.out = self._run(self.static)
         except RuntimeError as error:
-            self.graph = None
+            self.graph, self.calls = None, 0  # a next call warms up again (new generators) before capturing
             _recover_generators(opt, default, default_state)
             if "captur" not in str(error).lower():
                 raise
@@ -176,7 +176,7 @@ class CompiledStep:
                 f"boolean indexing). Remove the sync, or use opt.step(closure). CUDA said: {error}"
             ) from error
         except BaseException:
-            self.graph = None
+            self.graph, self.calls = None, 0
             _recover_generators(opt, default, default_state)
             raise
         finally:  # the capture ran no kernel: the host's state goes back to before it

@@ -26,6 +26,8 @@ from typing import Callable
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
+from .inner import inner_step as _inner_step
+
 __all__ = ["CompiledStep"]
 
 BAKED = ("momentum", "betas", "dampening", "nesterov", "weight_decay")  # read as numbers at capture
@@ -51,13 +53,11 @@ class GraphScalars:
 
     def inner_step(self, inner: torch.optim.Optimizer) -> None:
         """The inner step with each group's lr as its device scalar (the floats are put back after)."""
-        from .inner import inner_step
-
         floats = [g["lr"] for g in inner.param_groups]
         try:
             for group, lr in zip(inner.param_groups, self.lr):
                 group["lr"] = lr
-            inner_step(inner)
+            _inner_step(inner)
         finally:
             for group, lr in zip(inner.param_groups, floats):
                 group["lr"] = lr

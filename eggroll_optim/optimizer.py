@@ -14,7 +14,7 @@ from .options import validate_arguments
 from .plan import FULLRANK_MAX_NUMEL, make_plan
 from .noise import GeneratorPool
 from .population import Population, PopulationNoise
-from .shaping import SHAPINGS, nan_policy_in_graph, resolve_shaping, shape_checked, validate_fitness, widen
+from .shaping import resolve_shaping, shape_checked, shape_in_graph, validate_fitness
 from .state import FORMAT, check_loadable, param_table
 
 __all__ = ["EggrollOptimizer"]
@@ -277,11 +277,7 @@ class EggrollOptimizer(torch.optim.Optimizer):
         if self._graph is None:
             shaped = shape_checked(fitness, self.nan_policy, self.shaping)  # the NaN policy, then the shaping
         else:  # a captured step: no host sync (capture.py)
-            shaped = self.shaping(nan_policy_in_graph(widen(fitness), self.nan_policy, self._graph.flagged))
-            if self.shaping not in SHAPINGS.values():  # a callable's NaN/inf: a zero estimate, counted
-                finite = torch.isfinite(shaped).all()
-                self._graph.flagged.add_(~finite)
-                shaped = torch.where(finite, shaped, torch.zeros_like(shaped))
+            shaped = shape_in_graph(fitness, self.nan_policy, self.shaping, self._graph.flagged)
         missing = [p for p in population.noise.params if not any(m in population.fired for m in self._plan.users[p])]
         if missing:
             names = self._plan.names

@@ -43,12 +43,8 @@ class Plan:
     names: dict = field(default_factory=dict)
     zero_rows: dict = field(default_factory=dict)
     norms: list = field(default_factory=list)  # BatchNorm/InstanceNorm layers: running statistics
+    root_rule: object = None  # the root module's rule (``layers.Rule``), or None
     _users: set | None = None
-
-    @property
-    def root_rule(self):
-        """The root module's rule, or ``None``."""
-        return next((rule for module, rule in self.rules if module is self.root), None)
 
     def updating_norms(self) -> list:
         """The norms that update running statistics on a call now (train mode, tracking)."""
@@ -99,6 +95,8 @@ def make_plan(root: nn.Module, unsupported: str = "raise", fullrank_max_numel: i
         rule = None if sub in absorbed else rule_for(sub, fused)
         if rule is not None:
             plan.rules.append((sub, rule))
+            if sub is root:
+                plan.root_rule = rule
             claimed |= _claim(plan, sub, rule, absorbed)
     bad = []
     for path, sub in modules:

@@ -13,8 +13,8 @@ import torch
 from .kernels.fast.zscore import fused_zscore, fused_zscore_available
 
 __all__ = [
-    "SHAPINGS", "apply_nan_policy", "centered_rank", "check_fitness", "identity", "nan_policy_in_graph",
-    "resolve_shaping", "shape_checked",
+    "SHAPINGS", "apply_nan_policy", "centered_rank", "check_fitness", "identity", "resolve_shaping",
+    "shape_checked", "shape_in_graph",
     "shape_fitness", "validate_fitness", "widen", "zscore",
 ]
 
@@ -66,29 +66,35 @@ def resolve_shaping(shaping: str | Shaping) -> Shaping:
     return SHAPINGS[shaping]
 
 
-def _replace_nonfinite(fitness: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
-    finite = fitness[~bad]
-    if finite.numel() == 0:
-        raise ValueError("Every fitness value is NaN or inf; nothing to learn from")
-    spread = (finite.max() - finite.min()).clamp_min(1.0)
-    return torch.where(bad, finite.min() - spread, fitness)
+def _rank_last(fitness: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+    """``bad`` members get ``min - max(spread, 1)`` of the finite ones: below every finite member. No host
+    sync (an all-bad fitness gives NaN/inf here: the callers handle that case)."""
+    low = torch.where(bad, torch.full_like(fitness, float("inf")), fitness).amin()
+    high = torch.where(bad, torch.full_like(fitness, float("-inf")), fitness).amax()
+    return torch.where(bad, low - (high - low).clamp_min(1.0), fitness)
 
 
-def nan_policy_in_graph(fitness: torch.Tensor, nan_policy: str, flagged: torch.Tensor) -> torch.Tensor:
-    """``apply_nan_policy`` without a host sync, for a captured step (``capture.py``).
+def shape_in_graph(fitness: torch.Tensor, nan_policy: str, shaping: Shaping, flagged: torch.Tensor) -> torch.Tensor:
+    """``shape_checked`` without a host sync, for a captured step (``capture.py``).
 
-    ``flagged`` (a 0-dim int64 tensor) counts the steps whose fitness had a NaN/inf member; ``"worst"``
-    gives those members a value below every finite one, as ``apply_nan_policy`` does; ``"raise"`` (it
-    cannot raise inside a graph) and ``"skip"``, or every member non-finite, zero the fitness: no update."""
+    ``flagged`` (a 0-dim int64 tensor) counts the steps that could not be scored: a NaN/inf member, or a
+    shaping callable's NaN/inf. ``"worst"`` ranks NaN/inf members last as ``apply_nan_policy`` does;
+    ``"raise"`` (it cannot raise inside a graph), ``"skip"``, every member non-finite, or a non-finite
+    shaping give a zero fitness: a zero estimate."""
+    fitness = widen(fitness)
     bad = ~torch.isfinite(fitness)
     any_bad = bad.any()
     flagged.add_(any_bad)
     if nan_policy == "worst":
-        low = torch.where(bad, torch.full_like(fitness, float("inf")), fitness).amin()
-        high = torch.where(bad, torch.full_like(fitness, float("-inf")), fitness).amax()
-        fitness = torch.where(bad, low - (high - low).clamp_min(1.0), fitness)
-        return torch.where(bad.all(), torch.zeros_like(fitness), fitness)
-    return torch.where(any_bad, torch.zeros_like(fitness), fitness)
+        fitness, unusable = _rank_last(fitness, bad), bad.all()
+    else:
+        unusable = any_bad
+    shaped = shaping(torch.where(unusable, torch.zeros_like(fitness), fitness))
+    if shaping in SHAPINGS.values():  # finite for finite input
+        return shaped
+    finite = torch.isfinite(shaped).all()
+    flagged.add_(~finite)
+    return torch.where(finite, shaped, torch.zeros_like(shaped))
 
 
 def same_device(a: torch.device, b: torch.device) -> bool:
@@ -122,7 +128,9 @@ def apply_nan_policy(fitness: torch.Tensor, nan_policy: str) -> torch.Tensor:
     if not bool(bad.any()):
         return fitness
     if nan_policy == "worst":
-        return _replace_nonfinite(fitness, bad)
+        if bool(bad.all()):
+            raise ValueError("Every fitness value is NaN or inf; nothing to learn from")
+        return _rank_last(fitness, bad)
     idx = bad.nonzero().flatten().tolist()
     raise ValueError(
         f"fitness has {len(idx)} NaN/inf member(s) of {population_size}, at indices {idx[:8]}"

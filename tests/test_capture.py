@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from eggroll_optim import EggrollOptimizer, per_member_cross_entropy
-from eggroll_optim.shaping import apply_nan_policy, nan_policy_in_graph
+from eggroll_optim.shaping import apply_nan_policy, identity, shape_checked, shape_in_graph, zscore
 
 
 def _mlp(seed=0):
@@ -72,15 +72,21 @@ def test_compile_step_arguments_are_checked():
 def test_sync_free_nan_policy_matches_the_eager_one(policy):
     f = torch.tensor([0.5, float("nan"), -2.0, 3.0, float("inf")], dtype=torch.float64)
     flagged = torch.zeros((), dtype=torch.int64)
-    out = nan_policy_in_graph(f, policy, flagged)
+    out = shape_in_graph(f, policy, identity, flagged)
     assert int(flagged) == 1
-    if policy == "worst":
-        torch.testing.assert_close(out, apply_nan_policy(f, "worst"), rtol=0, atol=0)
+    if policy == "worst":  # below every finite member by max(spread, 1): -2 - 5
+        expected = torch.tensor([0.5, -7.0, -2.0, 3.0, -7.0], dtype=torch.float64)
+        assert torch.equal(out, expected) and torch.equal(apply_nan_policy(f, "worst"), expected)
+        torch.testing.assert_close(shape_in_graph(f, policy, zscore, flagged), shape_checked(f, policy, zscore),
+                                   rtol=0, atol=0)
     else:
         assert torch.equal(out, torch.zeros_like(f))  # no update, as eager "skip"
+    flagged.zero_()
     finite = torch.tensor([1.0, 2.0, 3.0, 4.0])
-    assert torch.equal(nan_policy_in_graph(finite, policy, flagged), finite) and int(flagged) == 1
-    assert torch.equal(nan_policy_in_graph(torch.full((3,), float("nan")), "worst", flagged), torch.zeros(3))
+    assert torch.equal(shape_in_graph(finite, policy, identity, flagged), finite) and int(flagged) == 0
+    assert torch.equal(shape_in_graph(torch.full((3,), float("nan")), "worst", identity, flagged), torch.zeros(3))
+    half = torch.tensor([1.0, 3.0], dtype=torch.float16)  # shaped in float32, as the eager path
+    assert shape_in_graph(half, policy, zscore, flagged).dtype == torch.float32
 
 
 def _run(make, shape, optimizer, steps, **kw):

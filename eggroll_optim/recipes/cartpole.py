@@ -27,6 +27,7 @@ import torch.nn as nn
 from . import launch
 from .envs import TorchCartPole, evaluate_gymnasium, rollout_returns
 from .errors import InputError
+from ..capture import CompiledStep
 from .runner import RunConfig, Task, make_optimizer, step_function, train
 
 __all__ = ["CartPoleConfig", "CartPoleTask", "QUICK", "make_policy", "run"]
@@ -108,6 +109,11 @@ class GymnasiumRollouts:
         self.envs.close()
 
 
+def _acting(model: nn.Module, population):
+    """The population's greedy policy: member ``i`` acts on ``obs[i]``."""
+    return lambda obs: model(population.per_member(obs)).argmax(-1)
+
+
 class TorchRollouts:
     """Episodes chunk by chunk in :class:`TorchCartPole` on the policy's device, paired starts."""
 
@@ -124,8 +130,8 @@ class TorchRollouts:
     def __call__(self, model: nn.Module, population, seed: int):
         returns, env_steps = [], []
         for members in population.chunks():
-            r, s = rollout_returns(lambda obs: model(population.per_member(obs)).argmax(-1),
-                                   self.env(members.stop - members.start), MAX_EPISODE_STEPS,
+            env = self.env(members.stop - members.start)
+            r, s = rollout_returns(_acting(model, population), env, MAX_EPISODE_STEPS,
                                    seed=_step_seed(seed, members.start), paired=True)
             returns.append(r)
             env_steps.append(s)
@@ -144,8 +150,7 @@ class TorchRollouts:
         masked, no host sync (a CUDA graph's rollout); adds the chunk's env steps to ``env_steps``."""
         members, first = population.members, population.local[0]
         rows = slice(members.start - first, members.stop - first)
-        r, s = rollout_returns(lambda obs: model(population.per_member(obs)).argmax(-1),
-                               self.env(members.stop - members.start), MAX_EPISODE_STEPS,
+        r, s = rollout_returns(_acting(model, population), self.env(members.stop - members.start), MAX_EPISODE_STEPS,
                                state=states[rows], check_every=None)
         if members.start == first:
             env_steps.copy_(s)
@@ -181,7 +186,7 @@ class CartPoleTask(Task):
         if not gym and self.device.type == "cuda" and cfg.cuda_graph:
             self.env_steps = torch.zeros((), dtype=torch.int64, device=self.device)
             step = step_function(self.optimizer, self._graph_rollout, cfg, maximize=True)
-            self.compiled = step if hasattr(step, "graph") else None
+            self.compiled = step if isinstance(step, CompiledStep) else None  # (under torchrun: eager rollouts)
 
     def _graph_rollout(self, states: torch.Tensor) -> torch.Tensor:
         return self.rollouts.fixed_length(self.model, self.optimizer.population, states, self.env_steps)

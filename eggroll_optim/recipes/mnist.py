@@ -7,8 +7,9 @@ batches as an uninterrupted one. Test accuracy on the full 10k test set every ``
 
 Models (the seed's): MLP 784-256(tanh)-10; CNN Conv(1→16, 3×3) - ReLU - MaxPool(2) -
 Conv(16→32, 3×3) - ReLU - MaxPool(2) - Flatten - Linear(1568→10), convs without bias. The convs
-are perturbed by the optimizer's hooks (factorised low-rank conv); pooling and Flatten see the
-population dim folded into the batch automatically.
+are perturbed by the optimizer's layer rules (factorised low-rank conv); pooling and Flatten run as
+written, on each member's batch (the population runs under vmap). On CUDA each step is one CUDA graph
+replay (``EggrollOptimizer.compile_step``, ``--no-cuda-graph`` for eager steps).
 """
 from __future__ import annotations
 

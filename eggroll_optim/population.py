@@ -7,6 +7,8 @@ in memory (``memory.py``, ``chunk_size="auto"``); a CUDA out-of-memory error hal
 """
 from __future__ import annotations
 
+import functools
+import sys
 import warnings
 
 import torch
@@ -17,6 +19,23 @@ from .kernels import es_gradient
 from .noise import antithetic_pairs, keyed_pair_normals, noise_dtype, noise_key
 
 __all__ = ["Chunk", "Population", "PopulationNoise"]
+
+
+def _untraced(fn):
+    """``torch._dynamo.disable(fn)``, made at the first call that finds ``torch._dynamo`` loaded: a process
+    that never compiles never imports it (seconds of start-up on a small CPU), and nothing traces
+    ``fn`` before ``torch.compile`` has loaded it."""
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        disabled = call.__dict__.get("disabled")
+        if disabled is None:
+            if "torch._dynamo" not in sys.modules:
+                return fn(*args, **kwargs)
+            disabled = call.disabled = torch._dynamo.disable(fn, wrapping=False)
+        return disabled(*args, **kwargs)
+
+    return call
 
 
 def _capturing() -> bool:
@@ -209,7 +228,7 @@ class Population:
             raise ValueError(f"Expected a leading dim of {self.size} (the population), got {tuple(x.shape)}")
         return x[self.members]
 
-    @torch._dynamo.disable
+    @_untraced
     def run(self, inner, root, args, kwargs):
         """Run ``inner`` (the root's forward) for every active member; called by the root's override.
 

@@ -16,7 +16,7 @@ import torch
 from .hooks import IDLE, PerMember, Switch, run_members
 from .memory import PROBE_MEMBERS, RunningStats, call_key, concat, even_pieces, measured, tensor_bytes
 from .kernels import es_gradient
-from .noise import antithetic_pairs, keyed_pair_normals, noise_dtype, noise_key
+from .noise import PairedNoise, antithetic_pairs, keyed_pair_normals, noise_dtype, noise_key
 
 __all__ = ["Chunk", "Population", "PopulationNoise"]
 
@@ -113,6 +113,12 @@ class Chunk:
         self.factors = {p: v for p, v in noise.items() if plan.is_lowrank(p)}
         self.values = {  # p + e_i (n, *shape), in p's dtype
             p: (p.detach().to(v.dtype) + v).to(p.dtype) for p, v in noise.items() if not plan.is_lowrank(p)
+        }
+        # the noise of a 1-D full-rank parameter (a bias) in pairs, for a kernel that runs one product per
+        # pair (layers.fused); its members are [+e_k, -e_k] (PopulationNoise.chunk_noise)
+        self.offsets = {
+            p: PairedNoise(v[0::2]) for p, v in noise.items()
+            if not plan.is_lowrank(p) and p.dim() == 1 and start % 2 == 0 and v.shape[0] % 2 == 0
         }
 
     @property

@@ -11,6 +11,7 @@ from interpreted import run_interpreted
 
 from eggroll_optim.kernels.fast.mlp import perturbed_mlp, perturbed_mlp_reference
 from eggroll_optim.kernels.mlp import mlp_layer
+from eggroll_optim.noise import PairedNoise
 
 triton = pytest.importorskip("triton")
 
@@ -50,9 +51,13 @@ def _float64(layer):
     return W.double().cpu(), b.double().cpu(), tuple(t.double().cpu() for t in factors)
 
 
+def _member_noise(noise):
+    return noise.members() if isinstance(noise, PairedNoise) else noise
+
+
 def _relative_error(x, layer1, layer2, activation, shared=True, bias_noise=(None, None)):
     out = perturbed_mlp(x, layer1, layer2, activation, shared, bias_noise)
-    noise64 = [t.double().cpu() if t is not None else None for t in bias_noise]
+    noise64 = [_member_noise(t).double().cpu() if t is not None else None for t in bias_noise]
     ref = perturbed_mlp_reference(x.double().cpu(), _float64(layer1), _float64(layer2), activation, shared, noise64)
     assert out.shape == ref.shape
     return ((out.double().cpu() - ref).norm() / ref.norm()).item()
@@ -168,10 +173,19 @@ def _resident_pair_errors(device, g, M, D, H, O, P, R):
     for layers in ((plain1, plain2), (l1, plain2), (plain1, l2)):  # one layer-1 product per member
         out, kernels = run(*layers)
         assert kernels == [False] and close(out, twin)
-    bn1, bn2 = rnd(2 * P, H, k=0.1), rnd(2 * P, O, k=0.1)  # layer-2 bias noise keeps the twin kernel, layer-1's not
+    # layer-2 bias noise keeps the twin kernel; layer 1's keeps it in pairs (PairedNoise), per member not
+    bn1, bn2 = rnd(2 * P, H, k=0.1), rnd(2 * P, O, k=0.1)
+    paired1 = PairedNoise(rnd(P, H, k=0.1))
     assert run(l1, l2, bn=(None, bn2))[1] == [True] and run(l1, l2, bn=(bn1, bn2))[1] == [False]
+    paired, kernels = run(l1, l2, bn=(paired1, bn2))
+    assert kernels == [True]
+    per_member, kernels = run(l1, l2, bn=(paired1.members(), bn2))
+    assert kernels == [False] and close(paired, per_member)
+    assert run(plain1, l2, bn=(paired1, bn2))[1] == [False]  # per-member factors: the noise as its members
     errors.append(_relative_error(x, l1, l2, "tanh", True, (None, bn2)))
     errors.append(_relative_error(x, l1, l2, "tanh", True, (bn1, bn2)))
+    errors.append(_relative_error(x, l1, l2, "tanh", True, (paired1, bn2)))
+    errors.append(_relative_error(x, l1, l2, "tanh", True, (paired1, PairedNoise(bn2[0::2]))))
     with pinned(config=dict(PER_SM=2, LOOKAHEAD=False, num_warps=4)):  # the other schedule of the chunks
         assert close(_fused(x, l1, l2, "tanh", True, (None, None)), twin)
         assert close(_fused(x, l1, plain2, "tanh", True, (None, None)), twin)

@@ -18,12 +18,15 @@ from eggroll_optim.layers import rule_for
 pytest.importorskip("triton")
 
 
-def fused_vs_dense(device: str, dtype=torch.float32) -> float:
+CASES = [(nn.Tanh, (6, 12), True), (nn.ReLU, (8, 12), True), (nn.Tanh, (8, 3, 12), False)]
+
+
+def fused_vs_dense(device: str, dtype=torch.float32, cases=CASES, hidden=32) -> float:
     """Largest relative error of the optimizer's outputs against materialised ``W + E_i``."""
     worst = 0.0
-    for act, shape, evolve in [(nn.Tanh, (6, 12), True), (nn.ReLU, (8, 12), True), (nn.Tanh, (8, 3, 12), False)]:
+    for act, shape, evolve in cases:
         torch.manual_seed(len(shape) + evolve)
-        model = nn.Sequential(nn.Linear(12, 32), act(), nn.Linear(32, 5)).to(device)
+        model = nn.Sequential(nn.Linear(12, hidden), act(), nn.Linear(hidden, 5)).to(device)
         opt = EggrollOptimizer(model, population_size=8, sigma=0.3, rank=3, evolve_biases=evolve)
         x = torch.randn(*shape, device=device)
         with opt.ask() as population:
@@ -85,6 +88,20 @@ def test_fused_path_in_triton_interpreter_matches_dense():
 @pytest.mark.cuda
 def test_fused_path_on_cuda_matches_dense():
     assert fused_vs_dense("cuda") < 2e-3  # TF32 dots
+
+
+@pytest.mark.cuda
+def test_evolved_biases_keep_the_pair_kernel_on_cuda(monkeypatch):
+    """A shared batch of 64 rows under TF32: the register-resident kernel, one layer-1 product per antithetic
+    pair with the evolved layer-1 bias's noise in pairs (``PairedNoise``), and without evolved biases."""
+    from eggroll_optim.kernels.fast import mlp
+
+    calls, launch = [], mlp.launch_resident
+    monkeypatch.setattr(mlp, "launch_resident", lambda *args: calls.append(args[-1]) or launch(*args))
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    monkeypatch.setenv("EGGROLL_AUTOTUNE", "first")
+    err = fused_vs_dense("cuda", cases=[(nn.Tanh, (64, 12), True), (nn.Tanh, (64, 12), False)], hidden=64)
+    assert calls == [True, True] and err < 5e-3, (calls, err)  # float16 products
 
 
 def test_a_root_mlp_block_runs_without_vmap_and_sees_parameter_edits(monkeypatch):

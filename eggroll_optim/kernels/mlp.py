@@ -32,12 +32,16 @@ def mlp_layer(layer: tuple) -> tuple:
 
 
 def _with_noise(out: torch.Tensor, bias_noise) -> torch.Tensor:
-    return out if bias_noise is None else out + bias_noise.view(bias_noise.shape[0], 1, -1)
+    if bias_noise is None:
+        return out
+    if not isinstance(bias_noise, torch.Tensor):  # a noise.PairedNoise
+        bias_noise = bias_noise.members()
+    return out + bias_noise.view(bias_noise.shape[0], 1, -1)
 
 
 def perturbed_mlp_reference(x, layer1, layer2, activation="tanh", shared=True, bias_noise=(None, None)):
     """Plain torch: layers as ``mlp_layer`` reads them; ``x`` shared ``(M, in)`` or per member
-    ``(N, M, in)`` -> ``(N, M, out)``; ``bias_noise`` optional ``(N, hidden)``, ``(N, out)``."""
+    ``(N, M, in)`` -> ``(N, M, out)``; ``bias_noise`` optional ``(N, hidden)``, ``(N, out)`` (or ``PairedNoise``)."""
     W1, b1, (A1, B1) = mlp_layer(layer1)
     W2, b2, (A2, B2) = mlp_layer(layer2)
     h = _with_noise(linear.perturbed_linear(x, W1, b1, A1, B1, shared=shared), bias_noise[0])

@@ -22,6 +22,7 @@ import torch.nn as nn
 from torch._C import _functorch
 
 from ..kernels.fast import mlp_block_activation, mlp_fast_path, perturbed_mlp
+from ..noise import Pairs
 from .linear import linear_forward
 
 __all__ = ["logical", "mlp_block_forward", "mlp_block_names", "mlp_block_whole", "physical"]
@@ -53,6 +54,18 @@ def _bias(call, linear: nn.Linear, n: int) -> torch.Tensor | None:
     return bias if per_member else bias.expand(n, -1)
 
 
+def _layers(first, second, factors, biases, offsets) -> tuple:
+    """``perturbed_mlp``'s layers and bias noise. On CUDA, with ``Pairs`` in both layers and layer 1's evolved
+    bias's noise in pairs (``offsets``): ``(W1, b1, factors)`` and that ``PairedNoise`` (the kernel keeps one
+    layer-1 product per pair); otherwise each layer's per-member bias ``(n, out)`` as bias noise over no
+    bias (the CPU kernels' numbers as they were)."""
+    layer1, layer2 = (first.weight, None, factors[0]), (second.weight, None, factors[1])
+    if offsets is not None and first.weight.is_cuda and isinstance(factors[0], Pairs) \
+            and isinstance(factors[1], Pairs):
+        return ((first.weight, first.bias, factors[0]), layer2), (offsets, biases[1])
+    return (layer1, layer2), biases
+
+
 def _fast_input(first: nn.Linear, xp: torch.Tensor, per_member: bool):
     """``(x2, shared)`` in ``perturbed_mlp``'s layout for the physical input ``xp`` (``(n, ...)`` per member,
     else shared), or ``None`` where it cannot run."""
@@ -67,11 +80,12 @@ def _fast_input(first: nn.Linear, xp: torch.Tensor, per_member: bool):
     return x2, not per_member
 
 
-def _run_block(block, first, second, factors, x2, shared, biases, fired) -> torch.Tensor:
-    """``perturbed_mlp`` on the block: ``(n, M, out)``; ``biases``: each layer's ``(n, out)`` or ``None``."""
+def _run_block(block, first, second, factors, x2, shared, biases, offsets, fired) -> torch.Tensor:
+    """``perturbed_mlp`` on the block: ``(n, M, out)``; ``biases``: each layer's ``(n, out)`` or ``None``;
+    ``offsets``: the noise of layer 1's evolved bias as ``PairedNoise``, or ``None``."""
     fired.update((first, second))
-    layers = (first.weight, None, factors[0]), (second.weight, None, factors[1])
-    return perturbed_mlp(x2, *layers, mlp_block_activation(block), shared, biases)
+    layers, bias_noise = _layers(first, second, factors, biases, offsets)
+    return perturbed_mlp(x2, *layers, mlp_block_activation(block), shared, bias_noise)
 
 
 def mlp_block_whole(chunk, block: nn.Sequential, x: torch.Tensor, per_member: bool, fused: bool | None):
@@ -88,7 +102,8 @@ def mlp_block_whole(chunk, block: nn.Sequential, x: torch.Tensor, per_member: bo
     n = factors[0][0].shape[0]
     biases = tuple(None if layer.bias is None else chunk.values[layer.bias] if layer.bias in chunk.values
                    else layer.bias.expand(n, -1) for layer in (first, second))
-    out = _run_block(block, first, second, factors, *fast, biases, chunk.fired)
+    offsets = None if first.bias is None else chunk.offsets.get(first.bias)
+    out = _run_block(block, first, second, factors, *fast, biases, offsets, chunk.fired)
     return out.view(n, *(x.shape[1:-1] if per_member else x.shape[:-1]), out.shape[-1])
 
 
@@ -113,7 +128,8 @@ def _fused_forward(call, block: nn.Sequential, first: nn.Linear, second: nn.Line
     if fast is None:
         return None
     biases = tuple(_bias(call, layer, factors[0][0].shape[0]) for layer in (first, second))
-    return _run_block(block, first, second, factors, *fast, biases, call.fired)
+    offsets = None if first.bias is None else call.chunk_offsets(first.bias)
+    return _run_block(block, first, second, factors, *fast, biases, offsets, call.fired)
 
 
 def mlp_block_forward(call, block: nn.Sequential, x: torch.Tensor) -> torch.Tensor:

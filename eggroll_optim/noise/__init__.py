@@ -32,11 +32,12 @@ from .keyed import (
     noise_dtype,
     noise_key,
 )
-from .pairs import Pairs, antithetic, antithetic_pairs
+from .pairs import PairedNoise, Pairs, antithetic, antithetic_pairs
 
 __all__ = [
     "DEFAULT_BLOCK_PAIRS",
     "GeneratorPool",
+    "PairedNoise",
     "Pairs",
     "antithetic",
     "antithetic_pairs",

@@ -14,7 +14,7 @@ from torch.utils import _pytree as pytree
 
 from .layout import layout_kernels_available, pair_rows, signed_pairs
 
-__all__ = ["Pairs", "antithetic", "antithetic_pairs"]
+__all__ = ["PairedNoise", "Pairs", "antithetic", "antithetic_pairs"]
 
 
 class Pairs(tuple):
@@ -76,6 +76,34 @@ class Pairs(tuple):
         N, m, r = self[0].shape
         scale = "<tensor>" if isinstance(self.scale, torch.Tensor) else f"{self.scale:g}"
         return f"Pairs(N={N}, m={m}, n={self[1].shape[1]}, rank={r}, scale={scale}, dtype={self[0].dtype})"
+
+
+class PairedNoise:
+    """The full-rank noise of ``N = 2P`` antithetic members (a bias, a norm's scale): member ``2k`` carries
+    ``+half_k``, member ``2k + 1`` ``-half_k`` (``sigma`` included).
+
+    ``half (P, *shape)``: one row per pair; ``members()``: the ``(N, *shape)`` tensor of every member.
+    Where a kernel takes per-member noise, this type tells it the members are pairs (``perturbed_mlp``'s
+    layer-1 bias noise: one product per pair); it knows that from the type alone, as with ``Pairs``.
+    """
+
+    __slots__ = ("half",)
+
+    def __init__(self, half: torch.Tensor):
+        if half.dim() < 1:
+            raise ValueError("PairedNoise: expected half (P, *shape), got a 0-dim tensor")
+        self.half = half
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((2 * self.half.shape[0], *self.half.shape[1:]))
+
+    def members(self) -> torch.Tensor:
+        """``(N, *shape)``: ``+half_k`` then ``-half_k`` for each pair."""
+        return torch.stack((self.half, -self.half), dim=1).flatten(0, 1)
+
+    def __repr__(self) -> str:
+        return f"PairedNoise(N={self.shape[0]}, shape={tuple(self.half.shape[1:])}, dtype={self.half.dtype})"
 
 
 pytree.register_pytree_node(

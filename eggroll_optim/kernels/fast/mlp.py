@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...noise import Pairs
+from ...noise import PairedNoise, Pairs
 from ..cpu_mlp import perturbed_mlp_cpu, perturbed_mlp_cpu_members
 from ..mlp import ACTIVATIONS, mlp_layer, perturbed_mlp_reference
 from ._triton import activate as _activate
@@ -274,6 +274,13 @@ def _project(x, B, shared, B_pair=None):
     return torch.bmm(x, B)
 
 
+def _member_noise(noise) -> torch.Tensor | None:
+    """Bias noise per member ``(N, out)``, contiguous: a ``PairedNoise`` as its members."""
+    if noise is None:
+        return None
+    return noise.members() if isinstance(noise, PairedNoise) else noise.contiguous()
+
+
 def _fused(x, layer1, layer2, activation, shared, bias_noise):
     """The Triton kernels. Pinned choices (``kernels.fast._triton.pinned``, tests and sweeps): ``resident``
     (True/False instead of ``resident_fits``), ``config`` (launch options of the kernel that runs),
@@ -285,20 +292,24 @@ def _fused(x, layer1, layer2, activation, shared, bias_noise):
     M, O = x.shape[-2], W2.shape[0]
     base = F.linear(x, W1, b1).contiguous()  # (M, H) once when shared, else (N, M, H)
     b2 = torch.zeros(O, device=x.device, dtype=x.dtype) if b2 is None else b2.contiguous()
-    bn1, bn2 = (t.contiguous() if t is not None else None for t in bias_noise)
+    paired1 = bias_noise[0] if isinstance(bias_noise[0], PairedNoise) else None
+    bn2 = _member_noise(bias_noise[1])
     A1, A2 = A1.contiguous(), A2.contiguous()
     B2 = B2 if B2.stride(2) == 1 else B2.contiguous()  # any member / hidden strides (antithetic's layout)
     out = torch.empty(N, M, O, device=x.device, dtype=x.dtype)
     tf32 = torch.backends.cuda.matmul.allow_tf32  # as torch's own matmuls
     resident = _pinned_choice("resident")
     if resident is None:
-        resident = shared and resident_fits(M, H, O, R, activation, tf32, bn1 is not None)
+        resident = shared and resident_fits(M, H, O, R, activation, tf32, bias_noise[0] is not None)
     if resident:  # base rows and W2ᵀ stay in registers; members stream through
         pairs1 = factors1 if isinstance(factors1, Pairs) else None  # one x B1 per pair: half the GEMM
         xb = _project(x, B1, True, None if pairs1 is None else pairs1.B_pair)
-        # both layers in pairs and no layer-1 bias noise: one layer-1 product and one B2 load per pair
-        twin = pairs1 is not None and bn1 is None and isinstance(factors2, Pairs)
-        return launch_resident(base, xb, A1, bn1, W2, b2, B2, A2, bn2, out, twin)
+        # both layers in pairs, layer-1 bias noise none or in pairs: one layer-1 product and one B2 load a pair
+        if pairs1 is not None and isinstance(factors2, Pairs) and (bias_noise[0] is None or paired1 is not None):
+            half1 = None if paired1 is None else paired1.half.contiguous()
+            return launch_resident(base, xb, A1, half1, W2, b2, B2, A2, bn2, out, True)
+        return launch_resident(base, xb, A1, _member_noise(bias_noise[0]), W2, b2, B2, A2, bn2, out, False)
+    bn1 = _member_noise(bias_noise[0])
     BH, BR = _pow2(H), _pow2(R)
     interpreted = _interpreted()
     flags = dict(ACT=_ACT_CODE[activation], HAS_BN1=bn1 is not None, HAS_BN2=bn2 is not None,
@@ -337,7 +348,7 @@ def _fused_rows(x, layer1, layer2, activation, bias_noise):
     x = x.reshape(N, D).contiguous()
     base = F.linear(x, W1, b1).contiguous()  # (N, H): one cuBLAS GEMM
     b2 = torch.zeros(O, device=x.device, dtype=x.dtype) if b2 is None else b2.contiguous()
-    bn1, bn2 = (t.contiguous() if t is not None else None for t in bias_noise)
+    bn1, bn2 = (_member_noise(t) for t in bias_noise)
     A1, A2 = A1.contiguous(), A2.contiguous()
     B1, B2 = (B if B.stride(2) == 1 else B.contiguous() for B in (B1, B2))  # antithetic's (in, N, r) layout as is
     out = torch.empty(N, 1, O, device=x.device, dtype=x.dtype)
@@ -363,20 +374,25 @@ def perturbed_mlp(x, layer1, layer2, activation="tanh", shared=True, bias_noise=
             a ``noise.Pairs`` or any ``(A_scaled (N, out, r), B (N, in, r))``; or flat ``(W, b, A_scaled, B)``.
             ``Pairs`` in both layers let the CUDA kernel run one layer-1 product per antithetic pair.
         activation: ``"tanh"``, ``"relu"`` or ``"identity"``.
-        bias_noise: optional full-rank bias noise ``((N, hidden) or None, (N, out) or None)``.
+        bias_noise: optional full-rank bias noise ``((N, hidden) or None, (N, out) or None)``; either may be a
+            ``noise.PairedNoise`` (antithetic members): with ``Pairs`` in both layers, layer 1's lets the CUDA
+            kernel keep one layer-1 product per pair.
     Returns:
         ``(N, M, out2)``.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"Unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
     layer1, layer2 = mlp_layer(layer1), mlp_layer(layer2)
-    if x.dim() == (2 if shared else 3) and fused_mlp_available(x, layer1[0].shape[0]):
-        hidden, rank = layer1[0].shape[0], layer1[2][0].shape[2]
-        if not shared and x.shape[1] == 1:  # one row per member (RL): members become tile rows
-            if x.shape[2] <= 64 and hidden <= 1024 and rank <= 16 and layer2[0].shape[0] <= 16:
-                return _fused_rows(x, layer1, layer2, activation, bias_noise)
-            return perturbed_mlp_reference(x, layer1, layer2, activation, shared, bias_noise)
+    fused = x.dim() == (2 if shared else 3) and fused_mlp_available(x, layer1[0].shape[0])
+    rows = fused and not shared and x.shape[1] == 1  # one row per member (RL): members become tile rows
+    if fused and not rows:
         return _fused(x, layer1, layer2, activation, shared, bias_noise)
+    bias_noise = tuple(_member_noise(t) for t in bias_noise)  # the other paths take noise per member
+    if rows:
+        hidden, rank = layer1[0].shape[0], layer1[2][0].shape[2]
+        if x.shape[2] <= 64 and hidden <= 1024 and rank <= 16 and layer2[0].shape[0] <= 16:
+            return _fused_rows(x, layer1, layer2, activation, bias_noise)
+        return perturbed_mlp_reference(x, layer1, layer2, activation, shared, bias_noise)
     if _cpu_shared(x, shared):  # chunked through the CPU caches
         return perturbed_mlp_cpu(x, layer1, layer2, activation, shared, bias_noise)
     if _cpu_members(x, shared):  # per-member rows: per-population effective weights / factor layouts

@@ -3,7 +3,7 @@
 A persistent program keeps its 64 rows of ``x W1ᵀ + b1`` (float16) and ``W2ᵀ`` in registers and streams
 its share of the population through them, so per member only the factors are read.
 ``_mlp_resident_kernel`` takes one member at a time; ``_mlp_twin_kernel`` one antithetic pair (members
-``2k``, ``2k + 1`` sharing ``B1_k``, ``B2_k`` and carrying ``±A1_k``), one layer-1 product for both.
+``2k``, ``2k + 1`` sharing ``B1_k``, ``B2_k`` and carrying ``±A1_k``, ``±bn1_k``), one layer-1 product for both.
 Their plain-torch twin is ``kernels.mlp.perturbed_mlp_reference`` (the tests compare both against float64).
 """
 from __future__ import annotations
@@ -101,16 +101,16 @@ if triton is not None:
         return _to_f16(_pad16(xb, RP))
 
     @triton.jit
-    def _a1_operand(a1_ptr, bn1_ptr, n, h0, H, stride_a1_n, R: tl.constexpr, RP: tl.constexpr,
+    def _a1_operand(a1_ptr, bn1_ptr, n, nb, h0, H, stride_a1_n, R: tl.constexpr, RP: tl.constexpr,
                     HAS_BN1: tl.constexpr, HC: tl.constexpr, EVEN_H: tl.constexpr):
-        """``[A1_n | bn1_n]ᵀ`` for one chunk, float16 ``(16, HC)``: the bias noise in column ``R``."""
+        """``[A1_n | bn1_nb]ᵀ`` for one chunk, float16 ``(16, HC)``: the bias noise (row ``nb``) in column ``R``."""
         hid = h0 + tl.arange(0, HC)
         hid_ok = (hid < H) | EVEN_H
         rk = tl.arange(0, RP)
         a1 = tl.load(a1_ptr + n * stride_a1_n + hid[:, None] * R + rk[None, :], mask=hid_ok[:, None] & (rk < R)[None, :],
                      other=0.0)  # (HC, RP)
         if HAS_BN1:
-            a1 += tl.load(bn1_ptr + n * H + hid[:, None] + 0 * rk[None, :], mask=hid_ok[:, None] & (rk == R)[None, :],
+            a1 += tl.load(bn1_ptr + nb * H + hid[:, None] + 0 * rk[None, :], mask=hid_ok[:, None] & (rk == R)[None, :],
                           other=0.0)
         # pad, then convert: the other order trips Triton 3.6's pipeliner on some shapes
         return tl.trans(_pad16(a1, RP).to(tl.float16))
@@ -136,7 +136,7 @@ if triton is not None:
     def _resident_layer1(base_c, xb, n, h0, a1_ptr, bn1_ptr, H, stride_a1_n, R: tl.constexpr, RP: tl.constexpr,
                          HAS_BN1: tl.constexpr, HC: tl.constexpr, EVEN_H: tl.constexpr):
         """Pre-activations of one chunk for member ``n``, float16: ``base + [x B1_n | 1] [A1_n | bn1_n]ᵀ``."""
-        a1 = _a1_operand(a1_ptr, bn1_ptr, n, h0, H, stride_a1_n, R, RP, HAS_BN1, HC, EVEN_H)
+        a1 = _a1_operand(a1_ptr, bn1_ptr, n, n, h0, H, stride_a1_n, R, RP, HAS_BN1, HC, EVEN_H)
         return tl.dot(xb, a1, acc=base_c, out_dtype=tl.float16)
 
     @triton.jit
@@ -221,10 +221,10 @@ if triton is not None:
                           stride_a2_n, stride_out_n, R, HAS_BN2)
 
     @triton.jit
-    def _twin_layer1(xb, n, h0, a1_ptr, H, stride_a1_n, R: tl.constexpr, RP: tl.constexpr, HC: tl.constexpr,
-                     EVEN_H: tl.constexpr):
-        """The low-rank term ``(x B1_n) A1_nᵀ`` of one chunk for member ``n`` (float16)."""
-        a1 = _a1_operand(a1_ptr, a1_ptr, n, h0, H, stride_a1_n, R, RP, False, HC, EVEN_H)
+    def _twin_layer1(xb, n, k, h0, a1_ptr, bn1_ptr, H, stride_a1_n, R: tl.constexpr, RP: tl.constexpr,
+                     HAS_BN1: tl.constexpr, HC: tl.constexpr, EVEN_H: tl.constexpr):
+        """The + member's term ``[x B1_k | 1] [A1_n | bn1_k]ᵀ`` of one chunk (``n = 2k``; float16)."""
+        a1 = _a1_operand(a1_ptr, bn1_ptr, n, k, h0, H, stride_a1_n, R, RP, HAS_BN1, HC, EVEN_H)
         return tl.dot(xb, a1, out_dtype=tl.float16)
 
     @triton.jit
@@ -239,16 +239,18 @@ if triton is not None:
 
     @triton.jit
     def _mlp_twin_kernel(
-        base_ptr, xb_ptr, a1_ptr, w2_ptr, b2_ptr, bb2_ptr, a2_ptr, bn2_ptr, out_ptr,
+        base_ptr, xb_ptr, a1_ptr, bn1_ptr, w2_ptr, b2_ptr, bb2_ptr, a2_ptr, bn2_ptr, out_ptr,
         N, M, H, O, stride_xb_n, stride_xb_m, stride_a1_n, stride_a2_n, stride_bb2_n, stride_bb2_h, stride_out_n,
-        R: tl.constexpr, RP: tl.constexpr, HAS_BN2: tl.constexpr, FAST: tl.constexpr, BM: tl.constexpr,
+        R: tl.constexpr, RP: tl.constexpr, HAS_BN1: tl.constexpr, HAS_BN2: tl.constexpr, FAST: tl.constexpr,
+        BM: tl.constexpr,
         HC: tl.constexpr, NC: tl.constexpr, BO: tl.constexpr, EVEN_M: tl.constexpr, EVEN_H: tl.constexpr,
         PER_SM: tl.constexpr, LOOKAHEAD: tl.constexpr,
     ):
-        """``_mlp_resident_kernel`` for antithetic pairs without layer-1 bias noise: members ``2k`` and
-        ``2k + 1`` share ``x B1_k`` and carry ``±A1_k``, so one tensor-core product per chunk gives the
-        low-rank term ``L`` of both, ``pre± = base ± L`` (float16 adds), and the pair shares its ``B2_k``
-        loads. ``xb_ptr`` holds one ``x B1`` per pair; ``N`` counts members."""
+        """``_mlp_resident_kernel`` for antithetic pairs: members ``2k`` and ``2k + 1`` share ``x B1_k`` and
+        carry ``±A1_k`` (and ``±bn1_k``, one row per pair, in column ``R`` as in the per-member kernel), so
+        one tensor-core product per chunk gives the term ``L`` of both, ``pre± = base ± L`` (float16
+        adds), and the pair shares its ``B2_k`` loads. ``xb_ptr`` holds one ``x B1`` per pair; ``N``
+        counts members."""
         lo, hi, rows, row_ok, outs, out_ok, b2, ka, a2_ok = _program_tiles(M, N // 2, O, b2_ptr, R, RP, BM, BO,
                                                                            EVEN_M)  # [lo, hi): pairs
         base0, w20, base1, w21, base2, w22, base3, w23 = _resident_chunks(base_ptr, w2_ptr, rows, row_ok, H, HC, NC,
@@ -256,27 +258,27 @@ if triton is not None:
         for k32 in range(lo, hi):
             k = tl.cast(k32, tl.int64)
             n = 2 * k  # the pair's + member; n + 1 is its - member
-            xb = _xb_operand(xb_ptr, k * stride_xb_n, rows, row_ok, stride_xb_m, R, RP, False)
+            xb = _xb_operand(xb_ptr, k * stride_xb_n, rows, row_ok, stride_xb_m, R, RP, HAS_BN1)
             z0 = tl.zeros((BM, BO), dtype=tl.float32)
             zb0 = tl.zeros((BM, 16), dtype=tl.float32)
             z1 = tl.zeros((BM, BO), dtype=tl.float32)
             zb1 = tl.zeros((BM, 16), dtype=tl.float32)
-            low0 = _twin_layer1(xb, n, 0, a1_ptr, H, stride_a1_n, R, RP, HC, EVEN_H)
+            low0 = _twin_layer1(xb, n, k, 0, a1_ptr, bn1_ptr, H, stride_a1_n, R, RP, HAS_BN1, HC, EVEN_H)
             if NC > 1 and LOOKAHEAD:
-                low1 = _twin_layer1(xb, n, HC, a1_ptr, H, stride_a1_n, R, RP, HC, EVEN_H)
+                low1 = _twin_layer1(xb, n, k, HC, a1_ptr, bn1_ptr, H, stride_a1_n, R, RP, HAS_BN1, HC, EVEN_H)
             z0, zb0, z1, zb1 = _twin_layer2(z0, zb0, z1, zb1, base0, low0, w20, n, 0, bb2_ptr, H,
                                                 stride_bb2_n, stride_bb2_h, R, RP, HC, EVEN_H, FAST)
             if NC > 1 and not LOOKAHEAD:
-                low1 = _twin_layer1(xb, n, HC, a1_ptr, H, stride_a1_n, R, RP, HC, EVEN_H)
+                low1 = _twin_layer1(xb, n, k, HC, a1_ptr, bn1_ptr, H, stride_a1_n, R, RP, HAS_BN1, HC, EVEN_H)
             if NC > 2 and LOOKAHEAD:
-                low2 = _twin_layer1(xb, n, 2 * HC, a1_ptr, H, stride_a1_n, R, RP, HC, EVEN_H)
+                low2 = _twin_layer1(xb, n, k, 2 * HC, a1_ptr, bn1_ptr, H, stride_a1_n, R, RP, HAS_BN1, HC, EVEN_H)
             if NC > 1:
                 z0, zb0, z1, zb1 = _twin_layer2(z0, zb0, z1, zb1, base1, low1, w21, n, HC, bb2_ptr, H,
                                                 stride_bb2_n, stride_bb2_h, R, RP, HC, EVEN_H, FAST)
             if NC > 2 and not LOOKAHEAD:
-                low2 = _twin_layer1(xb, n, 2 * HC, a1_ptr, H, stride_a1_n, R, RP, HC, EVEN_H)
+                low2 = _twin_layer1(xb, n, k, 2 * HC, a1_ptr, bn1_ptr, H, stride_a1_n, R, RP, HAS_BN1, HC, EVEN_H)
             if NC > 3:
-                low3 = _twin_layer1(xb, n, 3 * HC, a1_ptr, H, stride_a1_n, R, RP, HC, EVEN_H)
+                low3 = _twin_layer1(xb, n, k, 3 * HC, a1_ptr, bn1_ptr, H, stride_a1_n, R, RP, HAS_BN1, HC, EVEN_H)
             if NC > 2:
                 z0, zb0, z1, zb1 = _twin_layer2(z0, zb0, z1, zb1, base2, low2, w22, n, 2 * HC, bb2_ptr, H,
                                                 stride_bb2_n, stride_bb2_h, R, RP, HC, EVEN_H, FAST)
@@ -301,7 +303,7 @@ if triton is not None:
             for per_sm, stages, reg, ahead in ((2, 3, 232, True), (2, 3, 232, False), (3, 2, 168, False),
                                                (4, 3, 128, False))
         ],
-        key=["N", "M", "H", "O", "R", "HAS_BN2"],
+        key=["N", "M", "H", "O", "R", "HAS_BN1", "HAS_BN2"],
     )(_mlp_twin_even)
 
     _mlp_resident_even = _even(_mlp_resident_kernel)
@@ -332,7 +334,8 @@ def resident_fits(M, H, O, R, activation, tf32, has_bn1) -> bool:
 def launch_resident(base, xb, A1, bn1, W2, b2, B2, A2, bn2, out, twin=False):
     """Write ``out (N, M, O)`` for the shared ``base (M, H)`` and ``xb`` (``x B1``: ``(N, M, R)``, or
     ``(N/2, M, R)``, one per antithetic pair). ``twin``: the factors are antithetic pairs (``A1`` negated,
-    ``B2`` repeated within a pair; ``xb`` one per pair) and there is no layer-1 bias noise. A pinned
+    ``B2`` repeated within a pair; ``xb`` one per pair) and ``bn1``, if any, is one row per pair
+    ``(N/2, H)``: the + member's layer-1 bias noise (the - member's is its negative). A pinned
     ``config`` (``kernels.fast._triton.pinned``) replaces the autotuned launch options. Inputs beyond
     float16's range (``|x B1|`` or a base entry over 65504) saturate like the tanh they feed."""
     N, H, R = A1.shape
@@ -355,9 +358,10 @@ def launch_resident(base, xb, A1, bn1, W2, b2, B2, A2, bn2, out, twin=False):
     flags = dict(HAS_BN2=bn2 is not None, FAST=not interpreted, BM=_RESIDENT_BM, HC=HC, NC=triton.cdiv(H, HC), BO=BO,
                  **fixed)
     bn2 = bn2 if bn2 is not None else A2  # a placeholder pointer when there is none
-    if twin:  # antithetic pairs, no layer-1 bias noise: one layer-1 product per pair
+    if twin:  # antithetic pairs: one layer-1 product per pair
         (_mlp_twin_even if fixed else _mlp_twin_tuned)[grid](
-            base, xb, A1, w2t, b2, B2, A2, bn2, out, *sizes, R=R, RP=_pow2(R, 1), **flags)
+            base, xb, A1, bn1 if bn1 is not None else A1, w2t, b2, B2, A2, bn2, out, *sizes, R=R,
+            RP=_pow2(R + (bn1 is not None), 1), HAS_BN1=bn1 is not None, **flags)
         return out
     (_mlp_resident_even if fixed else _mlp_resident_tuned)[grid](
         base, xb, A1, bn1 if bn1 is not None else A1, w2t, b2, B2, A2, bn2, out, *sizes, R=R,

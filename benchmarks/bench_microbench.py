@@ -210,6 +210,10 @@ def main(argv=None):
         if name not in failures:
             run(name, getattr(v, name), sets[:1], scale=N / M)
     run("inference", v.inference, sets)  # timed twice: the spread is the noise level
+    # the same variants interleaved with inference, repeat by repeat: a ratio from one stretch of time
+    mixed = {"inference": v.inference, **{name: getattr(v, name) for name in EGG if name not in failures}}
+    common.free(dev)
+    interleaved = common.bench_interleaved(mixed, dev, sets, budget_s=budget * len(mixed))
     x0, W0 = sets[0][:2]
     dobench = {"inference": common.do_bench_ms(lambda: x0 @ W0.T, dev),
                "pregen_kernel": common.do_bench_ms(lambda: v.pregen_kernel(*sets[0]), dev)}
@@ -224,20 +228,24 @@ def main(argv=None):
             continue
         t = times[name][0] if name != "inference" else t_base
         fl = common.floor(*floors[name], ceil, "bf16")
+        mixed_ratio = None
+        if name in interleaved:
+            mixed_ratio = interleaved["inference"]["median_ms"] / interleaved[name]["median_ms"]
         rows.append({"variant": name, "time_ms": t, "ratio_vs_inference": t_base / t,
-                     "paper_ratio": paper.get(name), **fl, "time_over_floor": t / fl["floor_ms"],
-                     "members_timed": M if name in OES else N, "check": "ok"})
+                     "ratio_interleaved": mixed_ratio, "paper_ratio": paper.get(name), **fl,
+                     "time_over_floor": t / fl["floor_ms"], "members_timed": M if name in OES else N, "check": "ok"})
     payload = {
         "config": {"dim": d, "members": N, "rank": r, "dtype": "bfloat16", "openes_members": M,
                    "openes_scaling": f"t_{N} = t_{M} * {N}/{M} (linear in members)", "sets": args.sets,
                    "timer": "cuda events, L2 flushed, median" if common.is_cuda(dev) else "perf_counter median"},
         "ceilings": ceil, "checks": checks, "failures": failures, "baseline_spread": spread, "rows": rows,
         "do_bench_cross_check_ms": dobench, "event_timer_ms": {k: times[k][0] for k in dobench if k in times},
+        "interleaved": interleaved, "inference_timings_ms": times["inference"],
         "figures": {r_["variant"]: r_.get("ratio_vs_inference") for r_ in rows},
     }
     common.save(args, payload)
-    cols = ["variant", "time_ms", "ratio_vs_inference", "paper_ratio", "floor_ms", "floor_bound", "time_over_floor",
-            "check"]
+    cols = ["variant", "time_ms", "ratio_vs_inference", "ratio_interleaved", "paper_ratio", "floor_ms", "floor_bound",
+            "time_over_floor", "check"]
     print(f"# inference timed twice: spread {spread:.1%}; OpenES timed at {M} members, scaled x{N / M:g}")
     if dobench["inference"] is not None:
         print(f"# triton do_bench cross-check (one input set, median): inference {dobench['inference']:.4f} ms, "

@@ -115,6 +115,52 @@ def bench(fn, device, sets=None, *, warmup: int = 2, budget_s: float = 1.0, min_
             "p90_ms": q(0.9), "reps": reps}
 
 
+def bench_interleaved(fns: dict, device, sets=None, *, warmup: int = 2, budget_s: float = 1.0, min_reps: int = 5,
+                      max_reps: int = 400, flush: bool = True) -> dict:
+    """``bench`` for several functions at once, interleaved: each repeat times every function in turn
+    (L2 flushed before each), so a drift of the clocks over the run reaches all of them alike and a ratio
+    of two medians compares the same stretch of time. Returns ``{name: bench's dict}``."""
+    sets = sets or [()]
+    names = list(fns)
+    for i in range(warmup):
+        for name in names:
+            fns[name](*sets[i % len(sets)])
+    sync(device)
+    t0 = time.perf_counter()
+    for name in names:
+        fns[name](*sets[warmup % len(sets)])
+    sync(device)
+    reps = int(min(max_reps, max(min_reps, budget_s / max(time.perf_counter() - t0, 1e-6))))
+    times = {name: [] for name in names}
+    if is_cuda(device):
+        events = []
+        for i in range(reps):
+            for name in names:
+                if flush:
+                    _flush_l2(device)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fns[name](*sets[i % len(sets)])
+                end.record()
+                events.append((name, start, end))
+        torch.cuda.synchronize(device)
+        for name, start, end in events:
+            times[name].append(start.elapsed_time(end))
+    else:
+        for i in range(reps):
+            for name in names:
+                t0 = time.perf_counter()
+                fns[name](*sets[i % len(sets)])
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    out = {}
+    for name, ts in times.items():
+        ts.sort()
+        q = lambda f: ts[min(len(ts) - 1, int(f * len(ts)))]  # noqa: E731
+        out[name] = {"median_ms": statistics.median(ts), "min_ms": ts[0], "p10_ms": q(0.1), "p90_ms": q(0.9),
+                     "reps": reps}
+    return out
+
+
 def do_bench_ms(fn, device):
     """Cross-check of ``bench``: ``triton.testing.do_bench`` median (CUDA with triton only, else None)."""
     if not is_cuda(device):

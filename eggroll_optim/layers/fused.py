@@ -45,25 +45,33 @@ def mlp_block_names(block: nn.Sequential) -> tuple[str, ...]:
     return ("0.weight", "2.weight")
 
 
-def _bias(call, linear: nn.Linear, n: int) -> torch.Tensor | None:
-    """The layer's bias per member ``(n, out)`` (its per-member value, or the shared one expanded), or ``None``."""
-    bias = linear.bias
-    if bias is None:
-        return None
-    bias, per_member = physical(bias, call.level)
-    return bias if per_member else bias.expand(n, -1)
+def _bias(call, linear: nn.Linear) -> torch.Tensor | None:
+    """The layer's bias: per member ``(n, out)`` where it is evolved, else the shared ``(out,)``; or ``None``."""
+    return None if linear.bias is None else physical(linear.bias, call.level)[0]
 
 
 def _layers(first, second, factors, biases, offsets) -> tuple:
-    """``perturbed_mlp``'s layers and bias noise. On CUDA, with ``Pairs`` in both layers and layer 1's evolved
-    bias's noise in pairs (``offsets``): ``(W1, b1, factors)`` and that ``PairedNoise`` (the kernel keeps one
-    layer-1 product per pair); otherwise each layer's per-member bias ``(n, out)`` as bias noise over no
-    bias (the CPU kernels' numbers as they were)."""
-    layer1, layer2 = (first.weight, None, factors[0]), (second.weight, None, factors[1])
-    if offsets is not None and first.weight.is_cuda and isinstance(factors[0], Pairs) \
-            and isinstance(factors[1], Pairs):
-        return ((first.weight, first.bias, factors[0]), layer2), (offsets, biases[1])
-    return (layer1, layer2), biases
+    """``perturbed_mlp``'s two layers and bias noise. ``biases``: each layer's per-member ``(n, out)`` (evolved),
+    shared ``(out,)`` or ``None``; ``offsets``: layer 1's evolved bias's noise in pairs (``PairedNoise``) or
+    ``None``. On CUDA a shared bias is the layer's, and with ``Pairs`` in both layers an evolved layer-1 bias
+    is ``b1`` plus its ``PairedNoise``: the kernel then keeps one layer-1 product per antithetic pair.
+    Otherwise (and always on CPU, whose kernels keep their numbers) each bias is per-member bias noise over
+    no bias."""
+    cuda = first.weight.is_cuda
+    pairs = cuda and isinstance(factors[0], Pairs) and isinstance(factors[1], Pairs)
+    n = factors[0][0].shape[0]
+    layers, noise = [], []
+    for i, (linear, f, bias) in enumerate(zip((first, second), factors, biases)):
+        if bias is not None and bias.dim() == 1 and cuda:  # shared: in the base, no noise
+            layers.append((linear.weight, bias, f))
+            noise.append(None)
+        elif i == 0 and bias is not None and bias.dim() == 2 and pairs and offsets is not None:
+            layers.append((linear.weight, linear.bias, f))
+            noise.append(offsets)
+        else:
+            layers.append((linear.weight, None, f))
+            noise.append(bias.expand(n, -1) if bias is not None and bias.dim() == 1 else bias)
+    return layers, tuple(noise)
 
 
 def _fast_input(first: nn.Linear, xp: torch.Tensor, per_member: bool):
@@ -81,8 +89,7 @@ def _fast_input(first: nn.Linear, xp: torch.Tensor, per_member: bool):
 
 
 def _run_block(block, first, second, factors, x2, shared, biases, offsets, fired) -> torch.Tensor:
-    """``perturbed_mlp`` on the block: ``(n, M, out)``; ``biases``: each layer's ``(n, out)`` or ``None``;
-    ``offsets``: the noise of layer 1's evolved bias as ``PairedNoise``, or ``None``."""
+    """``perturbed_mlp`` on the block: ``(n, M, out)``; ``biases`` and ``offsets`` as ``_layers`` reads them."""
     fired.update((first, second))
     layers, bias_noise = _layers(first, second, factors, biases, offsets)
     return perturbed_mlp(x2, *layers, mlp_block_activation(block), shared, bias_noise)
@@ -100,8 +107,8 @@ def mlp_block_whole(chunk, block: nn.Sequential, x: torch.Tensor, per_member: bo
     if fast is None:
         return None
     n = factors[0][0].shape[0]
-    biases = tuple(None if layer.bias is None else chunk.values[layer.bias] if layer.bias in chunk.values
-                   else layer.bias.expand(n, -1) for layer in (first, second))
+    biases = tuple(chunk.values.get(layer.bias, layer.bias) if layer.bias is not None else None
+                   for layer in (first, second))
     offsets = None if first.bias is None else chunk.offsets.get(first.bias)
     out = _run_block(block, first, second, factors, *fast, biases, offsets, chunk.fired)
     return out.view(n, *(x.shape[1:-1] if per_member else x.shape[:-1]), out.shape[-1])
@@ -127,7 +134,7 @@ def _fused_forward(call, block: nn.Sequential, first: nn.Linear, second: nn.Line
     fast = _fast_input(first, *physical(x, call.level))
     if fast is None:
         return None
-    biases = tuple(_bias(call, layer, factors[0][0].shape[0]) for layer in (first, second))
+    biases = tuple(_bias(call, layer) for layer in (first, second))
     offsets = None if first.bias is None else call.chunk_offsets(first.bias)
     return _run_block(block, first, second, factors, *fast, biases, offsets, call.fired)
 

@@ -124,7 +124,11 @@ class MnistTask(Task):
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Step ``step``'s minibatch (uniform with replacement, keyed by ``(seed, step)``)."""
         gen = _step_generator(self.cfg.seed, step)
-        idx = torch.randint(len(self.train_y), (self.cfg.batch_size,), generator=gen).to(self.device)
+        idx = torch.randint(len(self.train_y), (self.cfg.batch_size,), generator=gen)
+        if self.device.type == "cuda":  # from pinned memory the copy is queued: no host sync a step
+            idx = idx.pin_memory().to(self.device, non_blocking=True)
+        else:
+            idx = idx.to(self.device)
         return self.train_x[idx], self.train_y[idx]
 
     def warmup_input(self) -> torch.Tensor:

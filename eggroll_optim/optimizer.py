@@ -289,8 +289,9 @@ class EggrollOptimizer(torch.optim.Optimizer):
         grads = population.gradients(shaped)
         if self._group is not None and self._group.strategy == "gradient":
             grads = self._group.sum_gradients(grads)
-        for p, g in grads.items():
-            p.grad = (-g).to(p.dtype)
+        # -g of every parameter in one call (negation is exact: the same bits as one -g per parameter)
+        for p, g in zip(grads, torch._foreach_neg(list(grads.values()))):
+            p.grad = g if g.dtype == p.dtype else g.to(p.dtype)
         self._update(fitness)
 
     def _update(self, fitness: torch.Tensor) -> None:

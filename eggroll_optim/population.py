@@ -8,6 +8,7 @@ in memory (``memory.py``, ``chunk_size="auto"``); a CUDA out-of-memory error hal
 from __future__ import annotations
 
 import functools
+import math
 import sys
 import warnings
 
@@ -15,7 +16,7 @@ import torch
 
 from .hooks import IDLE, PerMember, Switch, run_members
 from .memory import PROBE_MEMBERS, RunningStats, call_key, concat, even_pieces, measured, tensor_bytes
-from .kernels import es_gradient
+from .kernels.gradient import es_gradients
 from .noise import PairedNoise, antithetic_pairs, keyed_pair_normals, noise_dtype, noise_key
 
 __all__ = ["Chunk", "Population", "PopulationNoise"]
@@ -53,6 +54,12 @@ class PopulationNoise:
 
     def __init__(self, entries: list, block_pairs: int, generators: dict | None = None, distinct: bool = False):
         self.entries, self.block_pairs = entries, block_pairs
+        # what each parameter draws, fixed for the step: the shapes per pair, the key, the dtype
+        self._draws = [
+            ([(p.shape[0], rank), (math.prod(p.shape[1:]), rank)] if lowrank else [tuple(p.shape)],
+             noise_key(*key), noise_dtype(p.dtype))
+            for p, key, _, rank, lowrank, _ in entries
+        ]
         self._blocks: dict = {}  # the latest drawn block per parameter, shared by consecutive chunks
         self.generators = generators
         for pool in (generators or {}).values():
@@ -65,15 +72,14 @@ class PopulationNoise:
     def block_bytes(self) -> int:
         """Bytes of one block of draws of every parameter (what chunked draws keep cached)."""
         total = 0
-        for p, _, _, rank, lowrank, _ in self.entries:
-            per_pair = (p.shape[0] + p[0].numel()) * rank if lowrank else p.numel()
-            total += per_pair * self.block_pairs * torch.finfo(noise_dtype(p.dtype)).bits // 8
+        for shapes, _, dtype in self._draws:
+            total += sum(map(math.prod, shapes)) * self.block_pairs * torch.finfo(dtype).bits // 8
         return total
 
     def reseed(self) -> None:
         """Seed every kept generator as this step's draws seed it (before a captured step's replay)."""
-        for p, key, *_ in self.entries:
-            self.generators[p].reseed(noise_key(*key))
+        for (p, *_), (_, key, _) in zip(self.entries, self._draws):
+            self.generators[p].reseed(key)
 
     def chunk_noise(self, start: int, stop: int, reuse_blocks: bool = False) -> dict:
         """``{param: Pairs}`` (unpacking as ``(A_scaled (n, m, r), B (n, k, r))``) or ``{param: noise (n, *shape)}``.
@@ -81,24 +87,22 @@ class PopulationNoise:
         ``reuse_blocks``: keep the latest drawn block per parameter, for chunks that share one.
         """
         noise = {}
-        for p, key, sigma, rank, lowrank, zero_row in self.entries:
-            shapes = [(p.shape[0], rank), (p[0].numel(), rank)] if lowrank else [tuple(p.shape)]
+        for (p, _, sigma, rank, lowrank, zero_row), (shapes, key, dtype) in zip(self.entries, self._draws):
             draws = keyed_pair_normals(
-                noise_key(*key), shapes, start // 2, stop // 2,
-                device=p.device, dtype=noise_dtype(p.dtype), block_pairs=self.block_pairs,
+                key, shapes, start // 2, stop // 2, device=p.device, dtype=dtype, block_pairs=self.block_pairs,
                 cache=self._blocks if reuse_blocks else None,
                 generators=self.generators.get(p) if self.generators is not None else None,
             )
             if lowrank:
                 A, B = draws
                 if zero_row is not None:  # e.g. an embedding's padding_idx: never perturbed, never updated
-                    A = A.clone()  # the draw, not the cached block it views
+                    A = A.clone()  # a copy: the draw is (or views) the cached block
                     A[:, zero_row] = 0
                 noise[p] = antithetic_pairs(A, B, sigma, rank)
             else:
                 eps = draws[0]
                 scale = sigma.to(eps.dtype) if isinstance(sigma, torch.Tensor) else sigma
-                noise[p] = torch.stack((eps, -eps), dim=1).flatten(0, 1) * scale  # (n, *shape)
+                noise[p] = torch.stack((eps, -eps), dim=1).flatten(0, 1).mul_(scale)  # (n, *shape)
         return noise
 
 
@@ -112,7 +116,8 @@ class Chunk:
         self.fired = population.fired
         self.factors = {p: v for p, v in noise.items() if plan.is_lowrank(p)}
         self.values = {  # p + e_i (n, *shape), in p's dtype
-            p: (p.detach().to(v.dtype) + v).to(p.dtype) for p, v in noise.items() if not plan.is_lowrank(p)
+            p: p.detach() + v if v.dtype == p.dtype else (p.detach().to(v.dtype) + v).to(p.dtype)
+            for p, v in noise.items() if not plan.is_lowrank(p)
         }
         # the noise of a 1-D full-rank parameter (a bias) in pairs, for a kernel that runs one product per
         # pair (layers.fused); its members are [+e_k, -e_k] (PopulationNoise.chunk_noise)
@@ -330,11 +335,13 @@ class Population:
 
     def gradients(self, shaped: torch.Tensor) -> dict:
         """``{param: g}``: the estimate ``(1/sqrt(N)) Σ_i f_i noise_i`` summed over every chunk of the
-        gradient's members (``kernels.es_gradient``: over pairs for the low-rank ``Pairs``)."""
+        gradient's members (``kernels.es_gradients``, every parameter of a chunk at once: over pairs for
+        the low-rank ``Pairs``)."""
         grads = {}
         for start, stop in self.ranges(self.gradient_members):
-            for p, value in self._noise_for(start, stop).items():
-                g = es_gradient(shaped[start:stop], value, self.size).view(p.shape)
+            noise = self._noise_for(start, stop)
+            for p, g in zip(noise, es_gradients(shaped[start:stop], list(noise.values()), self.size)):
+                g = g if g.shape == p.shape else g.view(p.shape)  # (m, k) -> a conv's kernel
                 grads[p] = g if p not in grads else grads[p] + g
         return grads
 

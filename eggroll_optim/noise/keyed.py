@@ -103,6 +103,8 @@ def keyed_pair_normals(
             cache[key] = (block, blocks[-1])  # only the latest block per key: memory of one block
     lo = pair_start - first * block_pairs
     hi = lo + (pair_stop - pair_start)
+    if len(blocks) == 1 and (lo, hi) == (0, block_pairs):  # one whole block: its tensors, nothing to cut
+        return list(blocks[0])
     return [(parts[0] if len(parts) == 1 else torch.cat(parts))[lo:hi] for parts in zip(*blocks)]
 
 

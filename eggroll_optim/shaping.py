@@ -31,8 +31,8 @@ def zscore(fitness: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     dozen small kernels."""
     if fused_zscore_available(fitness):
         return fused_zscore(fitness, eps)
-    centered = fitness - fitness.mean()
-    centered = torch.where(fitness.amax() == fitness.amin(), torch.zeros_like(centered), centered)
+    low, high = torch.aminmax(fitness)
+    centered = (fitness - fitness.mean()).masked_fill_(low == high, 0.0)
     return centered / torch.sqrt(centered.square().mean() + eps)
 
 
@@ -124,9 +124,9 @@ def apply_nan_policy(fitness: torch.Tensor, nan_policy: str) -> torch.Tensor:
     population_size = fitness.shape[0]
     if nan_policy == "skip":
         return torch.where(torch.isfinite(fitness).all(), fitness, torch.zeros_like(fitness))
-    bad = ~torch.isfinite(fitness)
-    if not bool(bad.any()):
+    if bool(torch.isfinite(fitness).all()):
         return fitness
+    bad = ~torch.isfinite(fitness)
     if nan_policy == "worst":
         if bool(bad.all()):
             raise ValueError("Every fitness value is NaN or inf; nothing to learn from")

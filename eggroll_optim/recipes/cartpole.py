@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import launch
 from .envs import TorchCartPole, evaluate_gymnasium, rollout_returns
@@ -30,7 +31,7 @@ from .errors import InputError
 from ..capture import CompiledStep
 from .runner import RunConfig, Task, make_optimizer, step_function, train
 
-__all__ = ["CartPoleConfig", "CartPoleTask", "QUICK", "make_policy", "run"]
+__all__ = ["CartPoleConfig", "CartPoleTask", "QUICK", "greedy_policy", "make_policy", "run"]
 
 MAX_EPISODE_STEPS = 500
 
@@ -70,6 +71,22 @@ def make_policy(hidden: int = 256) -> nn.Sequential:
         nn.init.normal_(layer.weight, std=0.1)
         nn.init.zeros_(layer.bias)
     return policy
+
+
+def greedy_policy(policy: nn.Sequential):
+    """``obs -> argmax of make_policy's logits``, computed without calling the module.
+
+    The optimizer overrides the policy's ``forward`` (its hooks run every member when a population
+    is active, and check the inputs of a plain call): about 80 µs a call on a CPU core, more than
+    the policy's own arithmetic on one observation, and the final evaluation makes one call per
+    environment step (5000). This is the computation ``policy(obs)`` makes outside a population
+    (the ops that ``Linear`` and ``Tanh`` run, on the live parameters), bit for bit, without the
+    module calls: the evaluation's 10 episodes take 0.3 s instead of 0.7 s on a CPU core.
+    """
+    if [type(layer) for layer in policy] != [nn.Linear, nn.Tanh, nn.Linear]:
+        raise TypeError(f"expected make_policy's Linear-Tanh-Linear, got {policy}")
+    first, _, last = policy
+    return lambda obs: F.linear(torch.tanh(F.linear(obs, first.weight, first.bias)), last.weight, last.bias).argmax(-1)
 
 
 def _step_seed(*parts: int) -> int:
@@ -219,12 +236,13 @@ class CartPoleTask(Task):
         """``eval_episodes`` episodes of the unperturbed policy (gymnasium, else the torch env)."""
         self.rollouts.close()
         seed, episodes = self.cfg.seed + 10_000, self.cfg.eval_episodes
+        act = greedy_policy(self.model)  # one step of one episode: no module calls (see greedy_policy)
         try:
-            returns = evaluate_gymnasium(lambda obs: int(self.model(obs.to(self.device)).argmax()), episodes, seed)
+            returns = evaluate_gymnasium(lambda obs: int(act(obs.to(self.device))), episodes, seed)
             backend = "gymnasium"
         except ImportError:
             env = TorchCartPole(episodes, device=self.device)
-            returns, _ = rollout_returns(lambda obs: self.model(obs).argmax(-1), env, MAX_EPISODE_STEPS, seed=seed)
+            returns, _ = rollout_returns(act, env, MAX_EPISODE_STEPS, seed=seed)
             returns, backend = returns.tolist(), "torch"
         return {"eval_backend": backend, "eval_returns": returns, "eval_mean_return": float(np.mean(returns))}
 

@@ -91,9 +91,17 @@ def load_checkpoint(path: str | os.PathLike, map_location=None, experiment: str 
 
 
 def capture_rng_state() -> dict:
-    """The global torch RNG states (CPU and every CUDA device), as tensors."""
+    """The global torch RNG states (CPU, and every CUDA device once this process uses CUDA), as tensors.
+
+    A process that has not initialized CUDA (a CPU run, on a machine with GPUs or without) has drawn
+    nothing from the CUDA generators: they hold what the last ``torch.manual_seed`` (or torch's
+    default seed) gave them, which the same recipe in a resuming process gives them again. So their
+    states are left out, and a CPU run never initializes CUDA for them: ``torch.cuda.is_available()``
+    and ``get_rng_state_all()`` start the CUDA driver, which a CPU run on a GPU host paid for nothing
+    at its first save (inside its training time), and again to tear CUDA down at exit.
+    """
     state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
+    if torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 

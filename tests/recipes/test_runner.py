@@ -53,6 +53,21 @@ def test_rng_state_restores_the_stream():
     assert torch.equal(torch.rand(4), first)
 
 
+def test_rng_state_of_a_process_without_cuda_leaves_cuda_alone(monkeypatch):
+    """A CPU run's checkpoint never starts the CUDA driver for generators it has not used."""
+    if torch.cuda.is_initialized():
+        pytest.skip("this process has initialized CUDA")
+
+    def fail(*args, **kwargs):
+        raise AssertionError("capture_rng_state touched CUDA")
+
+    monkeypatch.setattr(torch.cuda, "is_available", fail)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", fail)
+    state = capture_rng_state()
+    assert set(state) == {"cpu"} and not torch.cuda.is_initialized()
+    restore_rng_state(state)
+
+
 def test_metrics_log_truncates_at_the_resumed_step(tmp_path):
     path = tmp_path / "metrics.jsonl"
     atomic_write_text("".join(json.dumps({"step": s, "metric": s}) + "\n" for s in range(5)), path)
@@ -132,3 +147,4 @@ def test_flags_an_experiment_cannot_use_are_reported(tmp_path, monkeypatch):
     monkeypatch.setitem(cli.EXPERIMENTS, "mnist_mlp", (cls, defaults, quick, lambda *a, **k: None))
     with pytest.warns(UserWarning, match="--env-backend"):
         cli.main(["--experiment", "mnist_mlp", "--env-backend", "torch", "--device", "cpu"])
+

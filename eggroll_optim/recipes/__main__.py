@@ -18,6 +18,7 @@ smoke tests.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import traceback
@@ -36,7 +37,7 @@ from .outdir import choose_out, held_run
 from .runner import CHECKPOINT, Interrupted
 from .suite import check_suite_out, run_all
 
-__all__ = ["EXPERIMENTS", "Plan", "build_parser", "make_config", "main", "prepare"]
+__all__ = ["EXPERIMENTS", "Plan", "build_parser", "cli", "make_config", "main", "prepare"]
 
 # name: (config class, experiment defaults, --quick overrides, run function)
 EXPERIMENTS = {
@@ -240,5 +241,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli() -> int:
+    """:func:`main` for a process that ends with it (``python -m eggroll_optim.recipes``): its objects
+    are frozen out of the garbage collector before the interpreter exits.
+
+    At exit, Python clears every module and runs full collections over the objects still alive: a
+    CartPole run ends with 2,200 modules (torch, ``torch._dynamo`` that ``torch.optim`` imports,
+    sympy, numpy...) and 320,000 objects the collector tracks, and its exit took 1.2-1.4 s of the
+    run's 17 s on a 2-core CPU (``os._exit``: 0.1 s). ``gc.freeze()`` moves those objects to a
+    generation that no collection visits: the exit takes 0.3 s.
+    Nothing is skipped that a run needs: every file is written, fsynced and closed before ``main``
+    returns, ``atexit`` handlers still run, standard streams are still flushed; only objects in
+    reference cycles, which Python does not promise to finalize at exit anyway, are left to the OS.
+    Not in :func:`main` itself: a process that calls it and goes on (the tests) keeps collecting.
+    """
+    status = main()
+    gc.freeze()
+    return status
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli())

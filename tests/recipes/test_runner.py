@@ -148,3 +148,11 @@ def test_flags_an_experiment_cannot_use_are_reported(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="--env-backend"):
         cli.main(["--experiment", "mnist_mlp", "--env-backend", "torch", "--device", "cpu"])
 
+
+def test_cli_returns_the_status_of_main_and_freezes_the_heap_for_the_exit(monkeypatch):
+    from eggroll_optim.recipes import __main__ as cli_module
+
+    frozen = []
+    monkeypatch.setattr(cli_module, "main", lambda: 3)
+    monkeypatch.setattr(cli_module.gc, "freeze", lambda: frozen.append(True))
+    assert cli_module.cli() == 3 and frozen == [True]

@@ -158,21 +158,36 @@ def test_the_learning_curve_has_a_title_and_units(tmp_path, monkeypatch):
         def set(self, **kwargs): calls.append(("axes", kwargs))
 
     class Figure:
+        def __init__(self, figsize): calls.append(("size", figsize))
+        def subplots(self, nrows, ncols, squeeze): return [[Axes(), Axes()]]
         def suptitle(self, text): calls.append(("title", text))
         def tight_layout(self): pass
         def savefig(self, path, dpi): calls.append(("saved", path))
 
-    pyplot = types.SimpleNamespace(subplots=lambda *a, **k: (Figure(), [[Axes(), Axes()]]), close=lambda fig: None)
-    matplotlib = types.SimpleNamespace(use=lambda backend: None, pyplot=pyplot)
-    monkeypatch.setitem(sys.modules, "matplotlib", matplotlib)
-    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", pyplot)
+    # the Agg canvas and a Figure, no pyplot (which would switch a notebook's backend)
+    modules = {"matplotlib": types.SimpleNamespace(), "matplotlib.figure": types.SimpleNamespace(Figure=Figure),
+               "matplotlib.backends": types.SimpleNamespace(),
+               "matplotlib.backends.backend_agg": types.SimpleNamespace(FigureCanvasAgg=lambda fig: None),
+               "matplotlib.pyplot": None}  # importing pyplot would fail
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
     records = [{"step": 0, "metric": 2.3}, {"step": 1, "metric": 2.1, "test_acc": 30.0}]
     labels = {"metric": "train loss (cross-entropy, nats)", "test_acc": "test accuracy (%)"}
     assert plot_learning_curve(records, labels, tmp_path / "c.png", "mnist_mlp (completed)") == str(tmp_path / "c.png")
-    assert ("title", "mnist_mlp (completed)") in calls
+    assert ("title", "mnist_mlp (completed)") in calls and ("size", (11, 4)) in calls
     axes = [kwargs for kind, kwargs in calls if kind == "axes"]
     assert axes[0] == {"xlabel": "ES step (population updates)", "ylabel": "train loss (cross-entropy, nats)"}
     assert axes[1]["ylabel"] == "test accuracy (%)"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert MnistTask.labels["metric"].endswith("nats)")
+
+
+def test_the_learning_curve_is_a_png_and_leaves_the_backend_alone(tmp_path):
+    """With matplotlib installed: a PNG, drawn without pyplot or a switch of the process's backend."""
+    matplotlib = pytest.importorskip("matplotlib")
+    backend = matplotlib.get_backend()
+    records = [{"step": 0, "metric": 2.3}, {"step": 1, "metric": 2.1, "test_acc": 30.0}]
+    path = tmp_path / "c.png"
+    assert plot_learning_curve(records, {"metric": "loss"}, path, "mnist_mlp (completed)") == str(path)
+    assert path.read_bytes().startswith(b"\x89PNG") and matplotlib.get_backend() == backend

@@ -340,7 +340,8 @@ class Population:
         grads = {}
         for start, stop in self.ranges(self.gradient_members):
             noise = self._noise_for(start, stop)
-            for p, g in zip(noise, es_gradients(shaped[start:stop], list(noise.values()), self.size)):
+            fitness = shaped if (start, stop) == (0, shaped.shape[0]) else shaped[start:stop]
+            for p, g in zip(noise, es_gradients(fitness, list(noise.values()), self.size)):
                 g = g if g.shape == p.shape else g.view(p.shape)  # (m, k) -> a conv's kernel
                 grads[p] = g if p not in grads else grads[p] + g
         return grads

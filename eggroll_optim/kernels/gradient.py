@@ -84,7 +84,7 @@ def pair_gradient_sum(fitness: torch.Tensor, pairs: Pairs, shared: dict | None =
         differences = None if shared is None else shared.get(acc)
         if differences is None:
             f = _cast(fitness, acc)
-            differences = (f[0::2] - f[1::2])[:, None, None]  # (P, 1, 1)
+            differences = (f[0::2] - f[1::2]).view(P, 1, 1)
             if shared is not None:
                 shared[acc] = differences
         fA = (_cast(A, acc) * differences).permute(1, 0, 2)

@@ -111,6 +111,8 @@ def test_fused_kernel_in_triton_interpreter():
 # shared input, tanh, TF32: the register-resident kernel (M >= 64, H <= 256, O <= 32, rank + bias column <= 16)
 RESIDENT_CASES = [(64, 12, 64, 5, 6, 2), (100, 20, 100, 7, 5, 4), (70, 12, 16, 3, 4, 3), (64, 9, 40, 20, 3, 15),
                   (130, 6, 256, 10, 9, 1)]
+# the same through noise.Pairs factors: (M, D, H, O, pairs, R)
+RESIDENT_PAIRS = [(64, 12, 64, 5, 3, 2), (100, 20, 100, 7, 4, 4)]
 
 
 def _resident_launch(fn):
@@ -125,9 +127,13 @@ def _resident_launch(fn):
         mlp.launch_resident = launch
 
 
-def _resident_errors(device, seed, cases=range(len(RESIDENT_CASES))):
+def _resident_errors(device, seed, cases=range(len(RESIDENT_CASES)), plain=None, pairs=range(len(RESIDENT_PAIRS)),
+                     twins=()):
     """Relative errors of the resident kernels against float64: hand-built factors (one kernel per member),
-    then ``Pairs`` (the twin kernel exactly where both layers are ``Pairs`` and layer 1 has no bias noise)."""
+    then ``Pairs`` (the twin kernel exactly where both layers are ``Pairs`` and layer 1 has no bias noise).
+    ``cases``: the ``RESIDENT_CASES`` run, each with B member-major (``noise.antithetic``'s layout) and, if in
+    ``plain`` (default: all), plain ``(N, in, r)``; ``pairs``: the ``RESIDENT_PAIRS`` run through every
+    ``Pairs`` check (``_resident_pair_errors``), ``twins``: those run through the twin kernel alone."""
     from eggroll_optim.kernels.fast.resident import resident_fits
 
     errors = []
@@ -140,16 +146,46 @@ def _resident_errors(device, seed, cases=range(len(RESIDENT_CASES))):
             x, l1, l2 = _inputs(M, D, H, O, N, R, seed=seed + i, device=device)
             noise = (torch.randn(N, H, device=device) * 0.1, torch.randn(N, O, device=device) * 0.1)
             assert resident_fits(M, H, O, R, "tanh", True, R < 16)
-            for layers in ((l1, l2), (_member_major(l1), _member_major(l2))):
+            layouts = [(_member_major(l1), _member_major(l2))]
+            if plain is None or i in plain:
+                layouts.insert(0, (l1, l2))
+            for layers in layouts:
                 for bn in ((None, None), noise) if R < 16 else ((None, noise[1]),):
                     err, twin = _resident_launch(lambda: _relative_error(x, *layers, "tanh", True, bn))
                     assert twin == [False], "not the resident kernel, or the twin one for plain tensors"
                     errors.append(err)
         g = torch.Generator().manual_seed(seed)
-        for M, D, H, O, P, R in ((64, 12, 64, 5, 3, 2), (100, 20, 100, 7, 4, 4)):
-            errors += _resident_pair_errors(device, g, M, D, H, O, P, R)
+        for j, shape in enumerate(RESIDENT_PAIRS):
+            if j in pairs:
+                errors += _resident_pair_errors(device, g, *shape)
+            elif j in twins:
+                errors += _twin_errors(device, g, *shape)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
+    return errors
+
+
+def _pair_inputs(device, g, M, D, H, O, P, R):
+    """``rnd`` (more draws from ``g`` on ``device``), a shared input ``x (M, D)`` and two layers whose factors
+    are ``Pairs`` of ``P`` antithetic pairs."""
+    from eggroll_optim.noise import antithetic_pairs
+
+    rnd = lambda *s, k=1.0: (torch.randn(*s, generator=g) * k).to(device)  # noqa: E731
+    x = rnd(M, D)
+    l1 = (rnd(H, D, k=0.3), rnd(H), antithetic_pairs(rnd(P, H, R), rnd(P, D, R), 0.3, R))
+    l2 = (rnd(O, H, k=0.3), rnd(O), antithetic_pairs(rnd(P, O, R), rnd(P, H, R), 0.3, R))
+    return rnd, x, l1, l2
+
+
+def _twin_errors(device, g, M, D, H, O, P, R):
+    """The twin kernel alone given ``Pairs``, without bias noise and with both layers' (layer 1's in pairs):
+    ``_resident_pair_errors``' first checks, without the per-member kernels that its dispatch checks run."""
+    rnd, x, l1, l2 = _pair_inputs(device, g, M, D, H, O, P, R)
+    errors = []
+    for bn in ((None, None), (PairedNoise(rnd(P, H, k=0.1)), rnd(2 * P, O, k=0.1))):
+        err, kernels = _resident_launch(lambda: _relative_error(x, l1, l2, "tanh", True, bn))
+        assert kernels == [True], "not the twin kernel"
+        errors.append(err)
     return errors
 
 
@@ -157,12 +193,8 @@ def _resident_pair_errors(device, g, M, D, H, O, P, R):
     """The resident kernels given ``Pairs``: what runs follows the types of the factors alone."""
     from eggroll_optim.kernels.fast._triton import pinned
     from eggroll_optim.kernels.fast.mlp import _fused
-    from eggroll_optim.noise import antithetic_pairs
 
-    rnd = lambda *s, k=1.0: (torch.randn(*s, generator=g) * k).to(device)  # noqa: E731
-    x = rnd(M, D)
-    l1 = (rnd(H, D, k=0.3), rnd(H), antithetic_pairs(rnd(P, H, R), rnd(P, D, R), 0.3, R))
-    l2 = (rnd(O, H, k=0.3), rnd(O), antithetic_pairs(rnd(P, O, R), rnd(P, H, R), 0.3, R))
+    rnd, x, l1, l2 = _pair_inputs(device, g, M, D, H, O, P, R)
     plain1, plain2 = ((W, b, tuple(t.clone() for t in f)) for W, b, f in (l1, l2))  # the same numbers, no type
     run = lambda *layers, bn=(None, None): _resident_launch(lambda: _fused(x, *layers, "tanh", True, bn))  # noqa: E731
     errors = [_relative_error(x, l1, l2, "tanh", True)]
@@ -216,13 +248,27 @@ def test_resident_kernel_in_triton_interpreter():
 
 @pytest.mark.cuda
 def test_resident_kernel_on_cuda():
-    errors = _resident_errors("cuda", 400, cases=(0, 3, 4))  # each case compiles; the interpreter runs all five
+    # each specialization compiles (~1.5 s on an H200); the interpreter runs every case and pair shape in full.
+    # Compiled: case 0 (EVEN_M/EVEN_H, NC 4, RP 2/4: its member-major runs are the compiles the Pairs checks'
+    # per-member calls need, its plain ones test_fused_kernel_under_tf32_on_cuda[case3]'s), case 3 (RP 16, BO 32,
+    # NC 3, masked chunks), case 4 member-major only (RP 1/2, HC 64, masked rows; plain B: the same constexprs,
+    # other stride alignments), pair shape 0 in full (twin and PAIR=2 kernels, LOOKAHEAD both ways, HAS_BN1/2 each
+    # way), pair shape 1 on the twin kernel alone (masked rows and chunks, RP 4/8). Left out, compiling those again:
+    # cases 1 and 2, case 4's plain B, pair shape 1's dispatch checks
+    errors = _resident_errors("cuda", 400, cases=(0, 3, 4), plain=(0, 3), pairs=(0,), twins=(1,))
     assert max(errors) < 5e-3, errors
 
 
+# each case compiles the shared, per-member and rows kernels (~1 s each on an H200), and again with B member-major
+# (other strides, the same constexprs): that layout on case 0 alone. Compiled: every ACT, EVEN_M/EVEN_H each way
+# (case 5 both, 1 and 3 EVEN_H), HC 32/64, BH 16-256, BO 128, a shared input on the per-member kernel (4); the
+# MNIST shape (256, 784, 256, 10, 64, 4) left out: cases 5 and 3's constexprs (it runs under TF32 below)
+CUDA_CASES = [(case, i == 0) for i, case in enumerate(CASES)]
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("case", CASES + [(256, 784, 256, 10, 64, 4, "tanh")])
-def test_fused_kernel_on_cuda(case):
+@pytest.mark.parametrize("case,member_major", CUDA_CASES)
+def test_fused_kernel_on_cuda(case, member_major):
     *shape, act = case
     x, l1, l2 = _inputs(*shape, seed=7, device="cuda")
     assert _relative_error(x, l1, l2, act) < 2e-3  # TF32 dots
@@ -232,10 +278,11 @@ def test_fused_kernel_on_cuda(case):
     assert _relative_error(xm, l1, l2, act, shared=False, bias_noise=noise) < 2e-3
     x1 = torch.randn(N, 1, D, device="cuda")
     assert _relative_error(x1, l1, l2, act, shared=False, bias_noise=noise) < 2e-3
-    l1, l2 = _member_major(l1), _member_major(l2)
-    assert _relative_error(x, l1, l2, act) < 2e-3
-    assert _relative_error(xm, l1, l2, act, shared=False, bias_noise=noise) < 2e-3
-    assert _relative_error(x1, l1, l2, act, shared=False, bias_noise=noise) < 2e-3
+    if member_major:
+        l1, l2 = _member_major(l1), _member_major(l2)
+        assert _relative_error(x, l1, l2, act) < 2e-3
+        assert _relative_error(xm, l1, l2, act, shared=False, bias_noise=noise) < 2e-3
+        assert _relative_error(x1, l1, l2, act, shared=False, bias_noise=noise) < 2e-3
 
 
 @pytest.mark.cuda

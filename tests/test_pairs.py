@@ -17,7 +17,7 @@ def torch_layout(B):
     return B.permute(1, 0, 2).unsqueeze(2).expand(n, P, 2, r).contiguous()
 
 
-def check(device):
+def check(device, shapes=SHAPES):
     from eggroll_optim.noise import antithetic_pairs
     from eggroll_optim.noise.layout import (
         layout_kernels_available, pair_rows, pair_scaled_transpose, scaled_transpose, signed_pairs,
@@ -25,7 +25,7 @@ def check(device):
 
     g = torch.Generator().manual_seed(0)
     half = [torch.bfloat16] if device == "cuda" else []  # Triton's interpreter: float32/float64 only
-    for shape in SHAPES:
+    for shape in shapes:
         for dtype in (torch.float32, torch.float64, *half):
             B = torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
             assert layout_kernels_available(B)
@@ -42,7 +42,7 @@ def check(device):
     dtypes = [(torch.float32, torch.float32), (torch.float64, torch.float64)]
     if device == "cuda":  # Triton's interpreter has no bfloat16 arithmetic
         dtypes.append((torch.bfloat16, torch.float32))
-    for shape in SHAPES:
+    for shape in shapes:
         for dtype, acc in dtypes:
             A = torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
             scale = 0.37
@@ -79,7 +79,10 @@ def test_kernel_in_triton_interpreter():
 
 @pytest.mark.cuda
 def test_kernel_on_cuda():
-    check("cuda")
+    # R is a constexpr: each shape compiles ~14 kernels per dtype set. Kept: rank 3 (masked rank columns) over
+    # several tiles each way, 1 x 1 x 1 (Triton's size-1 specializations), rank 16; (3, 5, 4) and (40, 130, 8)
+    # would compile one tile and several tiles of an unmasked rank again (the interpreter runs all five)
+    check("cuda", shapes=[SHAPES[i] for i in (1, 2, 4)])
 
 
 def check_pairs_layout(pairs, B):

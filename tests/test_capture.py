@@ -165,8 +165,8 @@ import torch, torch.nn as nn, pytest
 from eggroll_optim import EggrollOptimizer, per_member_cross_entropy
 torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 5)).cuda()
-opt = EggrollOptimizer(model, lr=0.05, sigma=0.05, rank=2, population_size=16)
-x, y = torch.randn(8, 12, device="cuda"), torch.randint(0, 5, (8,), device="cuda")
+opt = EggrollOptimizer(model, lr=0.05, sigma=0.05, rank=2, population_size=32)
+x, y = torch.randn(16, 12, device="cuda"), torch.randint(0, 5, (16,), device="cuda")
 
 def closure(x, y):
     loss = per_member_cross_entropy(model(x), y)
@@ -186,7 +186,9 @@ print("ok")
 
 @pytest.mark.cuda
 def test_a_closure_that_syncs_is_named_and_the_optimizer_stays_usable():
-    """In a process of its own: a failed capture must not leave CUDA's generators unusable."""
+    """In a process of its own: a failed capture must not leave CUDA's generators unusable. The model, population
+    and batch are those of test_replayed_steps_equal_eager_steps_on_cuda[_mlp-shape0-None-kw0], so the process
+    loads that test's Triton kernels from the on-disk cache instead of compiling its own (~1 s each)."""
     import subprocess
     import sys
 

@@ -18,8 +18,9 @@ from .hooks import IDLE, PerMember, Switch, run_members
 from .memory import PROBE_MEMBERS, RunningStats, call_key, concat, even_pieces, measured, tensor_bytes
 from .kernels.gradient import es_gradients
 from .noise import PairedNoise, antithetic_pairs, keyed_pair_normals, noise_dtype, noise_key
+from .noise.layout import layout_kernels_available, signed_pairs
 
-__all__ = ["Chunk", "Population", "PopulationNoise"]
+__all__ = ["Chunk", "Population", "PopulationNoise", "signed_members"]
 
 
 def _untraced(fn):
@@ -41,6 +42,20 @@ def _untraced(fn):
 
 def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def signed_members(eps: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+    """Full-rank draws ``eps (P, *shape)`` -> the members' noise ``(2P, *shape)``: rows ``2k``, ``2k + 1`` carry
+    ``+sigma eps_k``, ``-sigma eps_k``. Torch's stack-then-scale (three kernels), or where the layout kernels run
+    (CUDA) the same bits in one Triton pass, as ``noise.antithetic_pairs`` lays out ``A`` (``signed_pairs``; a
+    device ``sigma`` scales first, one more pass; float64 stays with torch, whose double scale Triton lacks)."""
+    if eps.dtype != torch.float64 and layout_kernels_available(eps):
+        flat = eps.reshape(eps.shape[0], -1, 1)  # (P, numel, 1)
+        if isinstance(sigma, torch.Tensor):
+            return signed_pairs(flat * sigma.to(eps.dtype), 1.0).view(-1, *eps.shape[1:])
+        return signed_pairs(flat, sigma).view(-1, *eps.shape[1:])
+    scale = sigma.to(eps.dtype) if isinstance(sigma, torch.Tensor) else sigma
+    return torch.stack((eps, -eps), dim=1).flatten(0, 1).mul_(scale)
 
 
 class PopulationNoise:
@@ -100,9 +115,7 @@ class PopulationNoise:
                     A[:, zero_row] = 0
                 noise[p] = antithetic_pairs(A, B, sigma, rank)
             else:
-                eps = draws[0]
-                scale = sigma.to(eps.dtype) if isinstance(sigma, torch.Tensor) else sigma
-                noise[p] = torch.stack((eps, -eps), dim=1).flatten(0, 1).mul_(scale)  # (n, *shape)
+                noise[p] = signed_members(draws[0], sigma)  # (n, *shape)
         return noise
 
 

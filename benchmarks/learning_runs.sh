@@ -19,10 +19,8 @@ run() {  # name limit_s args...
 run cartpole_torch 120 --experiment cartpole --env-backend torch
 run cartpole_gym 150 --experiment cartpole --env-backend gymnasium
 run mlp_seed 120 --experiment mnist_mlp --eval-every 10
-run mlp_adam 200 --experiment mnist_mlp --optimizer adam --lr 0.01 --lr-decay 0.9985 --sigma 0.05 \
-  --sigma-decay 1.0 --population-size 8192 --batch-size 512 --max-epochs 2000 --eval-every 100
-run cnn_adam 200 --experiment mnist_cnn --optimizer adam --lr 0.01 --lr-decay 0.998 --sigma 0.05 \
-  --sigma-decay 1.0 --population-size 2048 --batch-size 64 --chunk-size 256 --max-epochs 1300 --eval-every 100
+run mlp_adam 200 --experiment mnist_mlp   # the defaults (recipes.mnist.MLP: Adam, N=16384, B=512, 3600 steps)
+run cnn_adam 200 --experiment mnist_cnn   # the defaults (recipes.mnist.CNN: Adam, N=2048, B=64, chunks of 128)
 "$PY" - "$OUT" <<'PY'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])

@@ -136,7 +136,7 @@ def test_all_runs_every_experiment_into_its_own_folder(tmp_path, monkeypatch):
     assert [steps for *_, steps in calls] == [6, 50, 20, 1]
     calls.clear()
     cli.main(["--experiment", "mnist", "--device", "cpu"])
-    assert calls == [("mnist_mlp", Path("runs") / "mnist_mlp", 3000)]  # the tuned default (recipes.mnist.MLP)
+    assert calls == [("mnist_mlp", Path("runs") / "mnist_mlp", 3600)]  # the tuned default (recipes.mnist.MLP)
 
 
 def test_flags_an_experiment_cannot_use_are_reported(tmp_path, monkeypatch):

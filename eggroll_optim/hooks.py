@@ -84,10 +84,6 @@ class Call:
         """The whole chunk's ``(A (n, m, r), B (n, k, r))``, for a fused kernel (``layers.fused``)."""
         return self._chunk.factors.get(param)
 
-    def chunk_offsets(self, param):
-        """The whole chunk's noise of a 1-D full-rank parameter as ``noise.PairedNoise``, or ``None``."""
-        return self._chunk.offsets.get(param)
-
 
 def _outside_error(module: nn.Module) -> RuntimeError:
     return RuntimeError(

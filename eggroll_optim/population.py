@@ -34,7 +34,7 @@ def _untraced(fn):
         if disabled is None:
             if "torch._dynamo" not in sys.modules:
                 return fn(*args, **kwargs)
-            disabled = call.disabled = torch._dynamo.disable(fn, wrapping=False)
+            disabled = call.disabled = torch._dynamo.disable(fn)
         return disabled(*args, **kwargs)
 
     return call
@@ -136,7 +136,7 @@ class Chunk:
         # pair (layers.fused); its members are [+e_k, -e_k] (PopulationNoise.chunk_noise)
         self.offsets = {
             p: PairedNoise(v[0::2]) for p, v in noise.items()
-            if not plan.is_lowrank(p) and p.dim() == 1 and start % 2 == 0 and v.shape[0] % 2 == 0
+            if not plan.is_lowrank(p) and p.dim() == 1 and start % 2 == 0 and v.shape[0] == stop - start
         }
 
     @property

@@ -130,7 +130,8 @@ def _resident_launch(fn):
 def _resident_errors(device, seed, cases=range(len(RESIDENT_CASES)), plain=None, pairs=range(len(RESIDENT_PAIRS)),
                      twins=()):
     """Relative errors of the resident kernels against float64: hand-built factors (one kernel per member),
-    then ``Pairs`` (the twin kernel exactly where both layers are ``Pairs`` and layer 1 has no bias noise).
+    then ``Pairs`` (the twin kernel exactly where both layers are ``Pairs`` and layer 1's bias noise is none
+    or a ``PairedNoise``).
     ``cases``: the ``RESIDENT_CASES`` run, each with B member-major (``noise.antithetic``'s layout) and, if in
     ``plain`` (default: all), plain ``(N, in, r)``; ``pairs``: the ``RESIDENT_PAIRS`` run through every
     ``Pairs`` check (``_resident_pair_errors``), ``twins``: those run through the twin kernel alone."""

@@ -123,3 +123,24 @@ def test_a_root_mlp_block_runs_without_vmap_and_sees_parameter_edits(monkeypatch
                 torch.testing.assert_close(out[i], ref, rtol=0, atol=1e-12)
             model[0].bias.add_(1.0)  # the next call must see it
     opt.discard()
+
+
+def test_paired_bias_noise_of_the_wrong_shape_is_refused():
+    """The pair kernel reads a ``PairedNoise`` row per pair unchecked: ``perturbed_mlp`` checks its shape first."""
+    from eggroll_optim.kernels.fast.mlp import perturbed_mlp
+    from eggroll_optim.noise import PairedNoise, antithetic_pairs
+
+    g = torch.Generator().manual_seed(0)
+    P, D, H, O, R = 3, 5, 8, 2, 2
+    l1 = (torch.randn(H, D, generator=g), torch.randn(H, generator=g),
+          antithetic_pairs(torch.randn(P, H, R, generator=g), torch.randn(P, D, R, generator=g), 0.1, R))
+    l2 = (torch.randn(O, H, generator=g), None,
+          antithetic_pairs(torch.randn(P, O, R, generator=g), torch.randn(P, H, R, generator=g), 0.1, R))
+    x = torch.randn(4, D, generator=g)
+    half = torch.randn(P, H, generator=g)
+    out = perturbed_mlp(x, l1, l2, "tanh", True, (PairedNoise(half), None))
+    ref = perturbed_mlp(x, l1, l2, "tanh", True, (PairedNoise(half).members(), None))
+    torch.testing.assert_close(out, ref)
+    for bad in (half[:2], torch.randn(P, H + 1, generator=g)):
+        with pytest.raises(ValueError, match="one row per pair"):
+            perturbed_mlp(x, l1, l2, "tanh", True, (PairedNoise(bad), None))

@@ -109,7 +109,8 @@ def mlp_block_whole(chunk, block: nn.Sequential, x: torch.Tensor, per_member: bo
     n = factors[0][0].shape[0]
     biases = tuple(chunk.values.get(layer.bias, layer.bias) if layer.bias is not None else None
                    for layer in (first, second))
-    offsets = None if first.bias is None else chunk.offsets.get(first.bias)
+    # layer 1's evolved bias's noise in pairs, where the pair kernel can take it (a shared input)
+    offsets = None if first.bias is None or not fast[1] else chunk.offsets.get(first.bias)
     out = _run_block(block, first, second, factors, *fast, biases, offsets, chunk.fired)
     return out.view(n, *(x.shape[1:-1] if per_member else x.shape[:-1]), out.shape[-1])
 
@@ -135,8 +136,9 @@ def _fused_forward(call, block: nn.Sequential, first: nn.Linear, second: nn.Line
     if fast is None:
         return None
     biases = tuple(_bias(call, layer) for layer in (first, second))
-    offsets = None if first.bias is None else call.chunk_offsets(first.bias)
-    return _run_block(block, first, second, factors, *fast, biases, offsets, call.fired)
+    # no paired bias noise here: under vmap ``first.bias`` is the member's swapped-in value, not the
+    # parameter the chunk keys its noise by (a root block runs without vmap: ``mlp_block_whole``)
+    return _run_block(block, first, second, factors, *fast, biases, None, call.fired)
 
 
 def mlp_block_forward(call, block: nn.Sequential, x: torch.Tensor) -> torch.Tensor:

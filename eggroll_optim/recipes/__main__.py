@@ -246,10 +246,9 @@ def cli() -> int:
     are frozen out of the garbage collector before the interpreter exits.
 
     At exit, Python clears every module and runs full collections over the objects still alive: a
-    CartPole run ends with 2,200 modules (torch, ``torch._dynamo`` that ``torch.optim`` imports,
-    sympy, numpy...) and 320,000 objects the collector tracks, and its exit took 1.2-1.4 s of the
-    run's 17 s on a 2-core CPU (``os._exit``: 0.1 s). ``gc.freeze()`` moves those objects to a
-    generation that no collection visits: the exit takes 0.3 s.
+    run ends with thousands of modules (torch, ``torch._dynamo`` that ``torch.optim`` imports, sympy,
+    numpy...) and hundreds of thousands of tracked objects, a sizeable part of a short run's time on a
+    small CPU. ``gc.freeze()`` moves those objects to a generation that no collection visits.
     Nothing is skipped that a run needs: every file is written, fsynced and closed before ``main``
     returns, ``atexit`` handlers still run, standard streams are still flushed; only objects in
     reference cycles, which Python does not promise to finalize at exit anyway, are left to the OS.

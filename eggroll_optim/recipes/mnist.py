@@ -46,11 +46,10 @@ class MnistConfig(RunConfig):
     checkpoint_every: int = 25
 
 
-# Defaults: the best configurations measured on one H200 (benchmarks/RESULTS.md, section 7, run AV:
-# MLP 97.66 % final in 52 s of training, CNN 98.01 % final in 103 s at a 1.36 GB peak; the CNN's chunk
-# of 128 keeps the captured step's memory pool under 2 GB). The seed's recipes stay one flag set away,
-# e.g. MLP: --optimizer sgd --lr 0.1 --sigma 0.15 --sigma-decay 0.999 --lr-decay 1 --population-size 4096
-# --batch-size 256 --max-epochs 100.
+# Defaults: the best configurations measured on one H200 (benchmarks/RESULTS.md, section 7, runs AU and
+# AV; the CNN's chunk of 128 keeps the captured step's memory pool under 2 GB). The seed's recipes stay
+# one flag set away, e.g. MLP: --optimizer sgd --lr 0.1 --sigma 0.15 --sigma-decay 0.999 --lr-decay 1
+# --population-size 4096 --batch-size 256 --max-epochs 100.
 MLP = dict(model="mlp", optimizer="adam", population_size=16384, batch_size=512, lr=0.01, lr_decay=0.9987,
            sigma=0.05, sigma_decay=1.0, max_epochs=3600, eval_every=600)
 CNN = dict(model="cnn", optimizer="adam", population_size=2048, batch_size=64, chunk_size=128, lr=0.01,

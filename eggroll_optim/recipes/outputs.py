@@ -96,7 +96,7 @@ def plot_learning_curve(records: list[dict], labels: dict[str, str], path: Path,
 
     A ``Figure`` drawn by the Agg canvas, without ``pyplot``: no figure manager, no global backend
     switch (a notebook that calls :func:`~eggroll_optim.recipes.runner.train` keeps its own), and
-    ``pyplot``'s import (50 ms of the 1 s that matplotlib's import takes on a CPU core) is skipped.
+    ``pyplot``'s import is skipped.
     """
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg

@@ -99,20 +99,21 @@ class Task:
 
     @torch.no_grad()
     def warmup(self) -> float:
-        """Run the perturbed model twice and discard the population: one-time work (kernel
-        compilation, autotuning, allocator growth) stays out of the training time. Returns seconds.
+        """Run the perturbed model and discard the population: one-time work (kernel compilation,
+        autotuning, allocator growth) stays out of the training time. Returns seconds.
 
-        Twice: a first call of an input shape measures a small probe piece of members and runs the
-        rest after it (``memory.py``); the second runs the pieces every step will, so kernels tuned per
-        shape are tuned here (the seed's MNIST recipe: 0.8 s of autotuning had moved into its first
-        step)."""
+        Twice where the optimizer plans its pieces by measurement (``chunk_size="auto"``): a first
+        call of an input shape measures a small probe piece of members and runs the rest after it
+        (``memory.py``); the second runs the pieces every step will, so kernels tuned per shape are
+        tuned here and not in the first step."""
         x = self.warmup_input()
         if x is None:
             return 0.0
         t0 = time.perf_counter()
+        calls = 2 if getattr(self.optimizer, "_planner", None) is not None else 1
         with self.optimizer.ask() as population:
             for _ in population.chunks():
-                for _ in range(2):
+                for _ in range(calls):
                     self.model(population.per_member(x) if self.per_member_input else x)
         self.optimizer.discard()
         if x.is_cuda:

@@ -274,6 +274,15 @@ def _project(x, B, shared, B_pair=None):
     return torch.bmm(x, B)
 
 
+def _check_bias_noise(bias_noise, layer1, layer2) -> None:
+    """A ``PairedNoise`` must hold one row per pair of the layer's width (the pair kernel reads it unchecked)."""
+    N = layer1[2][0].shape[0]
+    for i, (noise, layer) in enumerate(zip(bias_noise, (layer1, layer2))):
+        if isinstance(noise, PairedNoise) and tuple(noise.half.shape) != (N // 2, layer[0].shape[0]):
+            raise ValueError(f"bias_noise[{i}]: expected a PairedNoise of one row per pair, half ({N // 2}, "
+                             f"{layer[0].shape[0]}), got half {tuple(noise.half.shape)}")
+
+
 def _member_noise(noise) -> torch.Tensor | None:
     """Bias noise per member ``(N, out)``, contiguous: a ``PairedNoise`` as its members."""
     if noise is None:
@@ -383,6 +392,7 @@ def perturbed_mlp(x, layer1, layer2, activation="tanh", shared=True, bias_noise=
     if activation not in ACTIVATIONS:
         raise ValueError(f"Unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
     layer1, layer2 = mlp_layer(layer1), mlp_layer(layer2)
+    _check_bias_noise(bias_noise, layer1, layer2)
     fused = x.dim() == (2 if shared else 3) and fused_mlp_available(x, layer1[0].shape[0])
     rows = fused and not shared and x.shape[1] == 1  # one row per member (RL): members become tile rows
     if fused and not rows:

@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hyperscale: comma-separated even sizes, e.g. 1024,2^14")
     p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_const", const=False,
                    help="on CUDA, run each ES step eagerly instead of replaying it from a CUDA graph")
+    p.add_argument("--tf32", action="store_const", const=True,
+                   help="on CUDA, float32 matmuls in TF32 (torch.backends.cuda.matmul.allow_tf32): the fused MLP's "
+                        "fastest kernels run only then")
     p.add_argument("--log-every", type=int, metavar="STEPS", help="flush metrics (one host sync) every STEPS steps")
     p.add_argument("--eval-every", type=int, metavar="STEPS")
     p.add_argument("--checkpoint-every", type=int, metavar="STEPS")

@@ -63,6 +63,7 @@ class RunConfig:
     checkpoint_every: int = 25
     checkpoint_seconds: float = 60.0  # also save after a step that ends this long after the last save
     cuda_graph: bool = True  # on CUDA, one process: each ES step replayed from a CUDA graph (compile_step)
+    tf32: bool = False  # on CUDA: float32 matmuls in TF32 (the fused MLP's register-resident kernels need it)
 
 
 class Task:
@@ -134,6 +135,8 @@ def make_optimizer(model: torch.nn.Module, cfg: RunConfig):
     inner = {"sgd": None, "adam": torch.optim.Adam}
     if cfg.optimizer not in inner:
         raise ValueError(f"Invalid optimizer: {cfg.optimizer!r} (expected one of {sorted(inner)})")
+    if cfg.tf32 and torch.device(cfg.device).type == "cuda":  # torch's own flag: the kernels read it
+        torch.backends.cuda.matmul.allow_tf32 = True
     opt = EggrollOptimizer(
         model, lr=cfg.lr, sigma=cfg.sigma, rank=cfg.rank, population_size=cfg.population_size,
         seed=cfg.seed, optimizer=inner[cfg.optimizer], sigma_decay=cfg.sigma_decay, chunk_size=cfg.chunk_size,

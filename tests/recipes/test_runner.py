@@ -156,3 +156,21 @@ def test_cli_returns_the_status_of_main_and_freezes_the_heap_for_the_exit(monkey
     monkeypatch.setattr(cli_module, "main", lambda: 3)
     monkeypatch.setattr(cli_module.gc, "freeze", lambda: frozen.append(True))
     assert cli_module.cli() == 3 and frozen == [True]
+
+
+def test_tf32_flag_reaches_the_config_and_sets_torch_only_on_cuda():
+    """``--tf32``: a config field (saved with the run); ``make_optimizer`` turns torch's TF32 flag on for a CUDA
+    device only (a CPU run leaves it as it was)."""
+    from eggroll_optim.recipes import __main__ as cli
+    from eggroll_optim.recipes.runner import make_optimizer
+
+    cfg = cli.make_config("cartpole", cli.build_parser().parse_args(["--tf32", "--device", "cpu"]))
+    assert cfg.tf32 is True
+    assert cli.make_config("cartpole", cli.build_parser().parse_args(["--device", "cpu"])).tf32 is False
+    previous = torch.backends.cuda.matmul.allow_tf32  # torch's flag is a property, not an attribute
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        make_optimizer(torch.nn.Linear(3, 2), cfg)
+        assert torch.backends.cuda.matmul.allow_tf32 is False
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous

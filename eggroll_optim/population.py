@@ -17,10 +17,9 @@ import torch
 from .hooks import IDLE, PerMember, Switch, run_members
 from .memory import PROBE_MEMBERS, RunningStats, call_key, concat, even_pieces, measured, tensor_bytes
 from .kernels.gradient import es_gradients
-from .noise import PairedNoise, antithetic_pairs, keyed_pair_normals, noise_dtype, noise_key
-from .noise.layout import layout_kernels_available, signed_pairs
+from .noise import PairedNoise, antithetic_pairs, keyed_pair_normals, noise_dtype, noise_key, signed_members
 
-__all__ = ["Chunk", "Population", "PopulationNoise", "signed_members"]
+__all__ = ["Chunk", "Population", "PopulationNoise"]
 
 
 def _untraced(fn):
@@ -42,20 +41,6 @@ def _untraced(fn):
 
 def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
-def signed_members(eps: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
-    """Full-rank draws ``eps (P, *shape)`` -> the members' noise ``(2P, *shape)``: rows ``2k``, ``2k + 1`` carry
-    ``+sigma eps_k``, ``-sigma eps_k``. Torch's stack-then-scale (three kernels), or where the layout kernels run
-    (CUDA) the same bits in one Triton pass, as ``noise.antithetic_pairs`` lays out ``A`` (``signed_pairs``; a
-    device ``sigma`` scales first, one more pass; float64 stays with torch, whose double scale Triton lacks)."""
-    if eps.dtype != torch.float64 and layout_kernels_available(eps):
-        flat = eps.reshape(eps.shape[0], -1, 1)  # (P, numel, 1)
-        if isinstance(sigma, torch.Tensor):
-            return signed_pairs(flat * sigma.to(eps.dtype), 1.0).view(-1, *eps.shape[1:])
-        return signed_pairs(flat, sigma).view(-1, *eps.shape[1:])
-    scale = sigma.to(eps.dtype) if isinstance(sigma, torch.Tensor) else sigma
-    return torch.stack((eps, -eps), dim=1).flatten(0, 1).mul_(scale)
 
 
 class PopulationNoise:
@@ -132,11 +117,11 @@ class Chunk:
             p: p.detach() + v if v.dtype == p.dtype else (p.detach().to(v.dtype) + v).to(p.dtype)
             for p, v in noise.items() if not plan.is_lowrank(p)
         }
-        # the noise of a 1-D full-rank parameter (a bias) in pairs, for a kernel that runs one product per
-        # pair (layers.fused); its members are [+e_k, -e_k] (PopulationNoise.chunk_noise)
+        # the noise of a 1-D full-rank parameter (a bias) on CUDA in pairs, for the kernel that runs one
+        # product per pair (layers.fused); its members are [+e_k, -e_k] (PopulationNoise.chunk_noise)
         self.offsets = {
             p: PairedNoise(v[0::2]) for p, v in noise.items()
-            if not plan.is_lowrank(p) and p.dim() == 1 and start % 2 == 0 and v.shape[0] == stop - start
+            if p.is_cuda and p.dim() == 1 and not plan.is_lowrank(p) and start % 2 == 0 and v.shape[0] == stop - start
         }
 
     @property

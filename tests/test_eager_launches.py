@@ -117,10 +117,10 @@ def test_tell_fitness_work_does_not_grow_with_the_layers():
 
 
 def check_signed_members(device):
-    """``population.signed_members`` (the full-rank members' noise) is torch's stack-then-scale bit for bit,
+    """``noise.signed_members`` (the full-rank members' noise) is torch's stack-then-scale bit for bit,
     through the layout kernel where it runs (CUDA, Triton's interpreter), for a float and a device sigma."""
     from eggroll_optim.noise.layout import layout_kernels_available
-    from eggroll_optim.population import signed_members
+    from eggroll_optim.noise import signed_members
 
     g = torch.Generator().manual_seed(2)
     for shape in [(5, 7), (3, 1), (4,), (2, 3, 4), (6, 256)]:

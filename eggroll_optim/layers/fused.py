@@ -50,27 +50,22 @@ def _bias(call, linear: nn.Linear) -> torch.Tensor | None:
     return None if linear.bias is None else physical(linear.bias, call.level)[0]
 
 
-def _layers(first, second, factors, biases, offsets) -> tuple:
+def _layers(first, second, factors, biases, paired1=None) -> tuple:
     """``perturbed_mlp``'s two layers and bias noise. ``biases``: each layer's per-member ``(n, out)`` (evolved),
-    shared ``(out,)`` or ``None``; ``offsets``: layer 1's evolved bias's noise in pairs (``PairedNoise``) or
-    ``None``. On CUDA a shared bias is the layer's, and with ``Pairs`` in both layers an evolved layer-1 bias
-    is ``b1`` plus its ``PairedNoise``: the kernel then keeps one layer-1 product per antithetic pair.
-    Otherwise (and always on CPU, whose kernels keep their numbers) each bias is per-member bias noise over
-    no bias."""
+    shared ``(out,)`` or ``None``. On CUDA a shared bias is the layer's; elsewhere (the CPU kernels keep their
+    numbers) it is per-member noise over no bias, as an evolved one is. ``paired1``: ``(b1, PairedNoise)`` of
+    layer 1's evolved bias, given where the pair kernel can take it (a root block, a shared input): with
+    ``Pairs`` in both layers on CUDA it replaces layer 1's per-member bias, and the kernel keeps one layer-1
+    product per antithetic pair."""
     cuda = first.weight.is_cuda
-    pairs = cuda and isinstance(factors[0], Pairs) and isinstance(factors[1], Pairs)
     n = factors[0][0].shape[0]
     layers, noise = [], []
-    for i, (linear, f, bias) in enumerate(zip((first, second), factors, biases)):
-        if bias is not None and bias.dim() == 1 and cuda:  # shared: in the base, no noise
-            layers.append((linear.weight, bias, f))
-            noise.append(None)
-        elif i == 0 and bias is not None and bias.dim() == 2 and pairs and offsets is not None:
-            layers.append((linear.weight, linear.bias, f))
-            noise.append(offsets)
-        else:
-            layers.append((linear.weight, None, f))
-            noise.append(bias.expand(n, -1) if bias is not None and bias.dim() == 1 else bias)
+    for linear, f, bias in zip((first, second), factors, biases):
+        shared = bias is not None and bias.dim() == 1
+        layers.append((linear.weight, bias if shared and cuda else None, f))
+        noise.append(None if shared and cuda else bias.expand(n, -1) if shared else bias)
+    if paired1 is not None and cuda and isinstance(factors[0], Pairs) and isinstance(factors[1], Pairs):
+        layers[0], noise[0] = (first.weight, paired1[0], factors[0]), paired1[1]
     return layers, tuple(noise)
 
 
@@ -88,10 +83,10 @@ def _fast_input(first: nn.Linear, xp: torch.Tensor, per_member: bool):
     return x2, not per_member
 
 
-def _run_block(block, first, second, factors, x2, shared, biases, offsets, fired) -> torch.Tensor:
-    """``perturbed_mlp`` on the block: ``(n, M, out)``; ``biases`` and ``offsets`` as ``_layers`` reads them."""
+def _run_block(block, first, second, factors, x2, shared, biases, paired1, fired) -> torch.Tensor:
+    """``perturbed_mlp`` on the block: ``(n, M, out)``; ``biases`` and ``paired1`` as ``_layers`` reads them."""
     fired.update((first, second))
-    layers, bias_noise = _layers(first, second, factors, biases, offsets)
+    layers, bias_noise = _layers(first, second, factors, biases, paired1)
     return perturbed_mlp(x2, *layers, mlp_block_activation(block), shared, bias_noise)
 
 
@@ -110,8 +105,9 @@ def mlp_block_whole(chunk, block: nn.Sequential, x: torch.Tensor, per_member: bo
     biases = tuple(chunk.values.get(layer.bias, layer.bias) if layer.bias is not None else None
                    for layer in (first, second))
     # layer 1's evolved bias's noise in pairs, where the pair kernel can take it (a shared input)
-    offsets = None if first.bias is None or not fast[1] else chunk.offsets.get(first.bias)
-    out = _run_block(block, first, second, factors, *fast, biases, offsets, chunk.fired)
+    offsets = chunk.offsets.get(first.bias) if first.bias is not None and fast[1] else None
+    paired1 = None if offsets is None else (first.bias, offsets)
+    out = _run_block(block, first, second, factors, *fast, biases, paired1, chunk.fired)
     return out.view(n, *(x.shape[1:-1] if per_member else x.shape[:-1]), out.shape[-1])
 
 

@@ -32,7 +32,7 @@ from .keyed import (
     noise_dtype,
     noise_key,
 )
-from .pairs import PairedNoise, Pairs, antithetic, antithetic_pairs
+from .pairs import PairedNoise, Pairs, antithetic, antithetic_pairs, signed_members
 
 __all__ = [
     "DEFAULT_BLOCK_PAIRS",
@@ -46,4 +46,5 @@ __all__ = [
     "keyed_pair_normals",
     "noise_dtype",
     "noise_key",
+    "signed_members",
 ]

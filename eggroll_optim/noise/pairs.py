@@ -14,7 +14,7 @@ from torch.utils import _pytree as pytree
 
 from .layout import layout_kernels_available, pair_rows, signed_pairs
 
-__all__ = ["PairedNoise", "Pairs", "antithetic", "antithetic_pairs"]
+__all__ = ["PairedNoise", "Pairs", "antithetic", "antithetic_pairs", "signed_members"]
 
 
 class Pairs(tuple):
@@ -100,7 +100,7 @@ class PairedNoise:
 
     def members(self) -> torch.Tensor:
         """``(N, *shape)``: ``+half_k`` then ``-half_k`` for each pair."""
-        return torch.stack((self.half, -self.half), dim=1).flatten(0, 1)
+        return signed_members(self.half, 1.0)
 
     def __repr__(self) -> str:
         return f"PairedNoise(N={self.shape[0]}, shape={tuple(self.half.shape[1:])}, dtype={self.half.dtype})"
@@ -112,6 +112,21 @@ pytree.register_pytree_node(
     lambda members, _: tuple(members),
     serialized_type_name="eggroll_optim.noise.Pairs",
 )
+
+
+def signed_members(eps: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """Pair draws ``eps (P, *shape)`` -> the members' ``(2P, *shape)``: rows ``2k``, ``2k + 1`` carry
+    ``+scale eps_k``, ``-scale eps_k``: ``antithetic_pairs``' ``A_scaled``, a full-rank parameter's member
+    noise. Torch's stack-then-scale (three kernels), or where the layout kernels run (CUDA) the same bits in
+    one Triton pass (``signed_pairs``); a device ``scale`` (a captured step's sigma) scales first, one more
+    pass; float64 stays with torch, whose double scale Triton lacks."""
+    if eps.dtype != torch.float64 and layout_kernels_available(eps):
+        flat = eps.reshape(eps.shape[0], -1, 1)  # (P, numel, 1)
+        if isinstance(scale, torch.Tensor):
+            return signed_pairs(flat * scale.to(eps.dtype), 1.0).view(-1, *eps.shape[1:])
+        return signed_pairs(flat, scale).view(-1, *eps.shape[1:])
+    scale = scale.to(eps.dtype) if isinstance(scale, torch.Tensor) else scale
+    return torch.stack((eps, -eps), dim=1).flatten(0, 1).mul_(scale)
 
 
 def antithetic_pairs(A: torch.Tensor, B: torch.Tensor, sigma: float | torch.Tensor, rank: int) -> Pairs:
@@ -126,12 +141,7 @@ def antithetic_pairs(A: torch.Tensor, B: torch.Tensor, sigma: float | torch.Tens
     then ``A`` is scaled by one more elementwise pass.
     """
     scale = sigma / math.sqrt(rank)
-    if isinstance(scale, torch.Tensor) and A.dtype != torch.float64 and layout_kernels_available(A):
-        A_scaled = signed_pairs(A * scale.to(A.dtype), 1.0)
-    elif A.dtype != torch.float64 and layout_kernels_available(A):
-        A_scaled = signed_pairs(A, scale)
-    else:
-        A_scaled = torch.stack((A, -A), dim=1).flatten(0, 1).mul_(scale)  # (2P, m, r)
+    A_scaled = signed_members(A, scale)  # (2P, m, r)
     P, n, r = B.shape
     if layout_kernels_available(B):
         B_pop, B_pair = pair_rows(B, half=True)  # (n, P, 2, r), (n, P, r)
@@ -147,4 +157,4 @@ def antithetic(
     """``(A_scaled, A_signed, B)`` of ``antithetic_pairs(A, B, sigma, rank)``, the seed's
     ``generate_lowrank_perturbations`` triple: ``A_signed (2P, m, r)`` = ``s_i * A`` (sign, no scale)."""
     pairs = antithetic_pairs(A, B, sigma, rank)
-    return pairs.A_scaled, torch.stack((A, -A), dim=1).flatten(0, 1), pairs.B
+    return pairs.A_scaled, signed_members(A, 1.0), pairs.B

@@ -93,6 +93,8 @@ def _outside_error(module: nn.Module) -> RuntimeError:
 
 
 def _plain(base, args, kwargs):
+    if not kwargs and all(type(a) is torch.Tensor for a in args):  # the common call: nothing to search
+        return base(*args)
     if any(isinstance(a, PerMember) for a in tree_flatten((args, kwargs))[0]):
         raise RuntimeError("population.per_member(x) inputs are only read while that population is active")
     return base(*args, **kwargs)

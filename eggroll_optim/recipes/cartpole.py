@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import launch
 from .envs import TorchCartPole, evaluate_gymnasium, rollout_returns
@@ -31,7 +30,7 @@ from .errors import InputError
 from ..capture import CompiledStep
 from .runner import RunConfig, Task, make_optimizer, step_function, train
 
-__all__ = ["CartPoleConfig", "CartPoleTask", "QUICK", "greedy_policy", "make_policy", "run"]
+__all__ = ["CartPoleConfig", "CartPoleTask", "QUICK", "make_policy", "run"]
 
 MAX_EPISODE_STEPS = 500
 
@@ -71,21 +70,6 @@ def make_policy(hidden: int = 256) -> nn.Sequential:
         nn.init.normal_(layer.weight, std=0.1)
         nn.init.zeros_(layer.bias)
     return policy
-
-
-def greedy_policy(policy: nn.Sequential):
-    """``obs -> argmax of make_policy's logits``, computed without calling the module.
-
-    The optimizer overrides the policy's ``forward`` (its hooks run every member when a population
-    is active, and check the inputs of a plain call), which costs more than the policy's own
-    arithmetic on one observation, and the final evaluation makes one call per environment step.
-    This is the computation ``policy(obs)`` makes outside a population (the ops that ``Linear`` and
-    ``Tanh`` run, on the live parameters), bit for bit, without the module calls.
-    """
-    if [type(layer) for layer in policy] != [nn.Linear, nn.Tanh, nn.Linear]:
-        raise TypeError(f"expected make_policy's Linear-Tanh-Linear, got {policy}")
-    first, _, last = policy
-    return lambda obs: F.linear(torch.tanh(F.linear(obs, first.weight, first.bias)), last.weight, last.bias).argmax(-1)
 
 
 def _step_seed(*parts: int) -> int:
@@ -235,7 +219,7 @@ class CartPoleTask(Task):
         """``eval_episodes`` episodes of the unperturbed policy (gymnasium, else the torch env)."""
         self.rollouts.close()
         seed, episodes = self.cfg.seed + 10_000, self.cfg.eval_episodes
-        act = greedy_policy(self.model)  # one step of one episode: no module calls (see greedy_policy)
+        act = lambda obs: self.model(obs).argmax(-1)  # noqa: E731 (a plain call: outside a population)
         try:
             returns = evaluate_gymnasium(lambda obs: int(act(obs.to(self.device))), episodes, seed)
             backend = "gymnasium"

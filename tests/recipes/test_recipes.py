@@ -170,20 +170,3 @@ def test_cartpole_without_gymnasium_falls_back_to_the_torch_env(tmp_path, monkey
     assert summary["config"]["env_backend"] == "torch"
     assert torch.load(tmp_path / CHECKPOINT, weights_only=True)["config"]["env_backend"] == "torch"
     assert summary["eval_backend"] == "torch" and len(summary["eval_returns"]) == 10
-
-
-def test_greedy_policy_acts_as_the_policy_module():
-    """The final evaluation's module-free policy computes what the (hooked) module does, bit for bit,
-    on the parameters the optimizer has moved, for one observation and a batch."""
-    from eggroll_optim.recipes.cartpole import CartPoleConfig, CartPoleTask, greedy_policy
-
-    task = CartPoleTask(CartPoleConfig(population_size=16, env_backend="torch", hidden=32))
-    for step in range(2):
-        task.train_step(step)
-    act, obs = greedy_policy(task.model), torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        logits = task.model(obs)
-        assert torch.equal(act(obs), logits.argmax(-1))
-        assert all(torch.equal(act(o), task.model(o).argmax(-1)) for o in obs)
-    with pytest.raises(TypeError, match="Linear-Tanh-Linear"):
-        greedy_policy(torch.nn.Sequential(torch.nn.Linear(4, 2)))

@@ -85,13 +85,6 @@ def make_cnn() -> nn.Sequential:
     return model
 
 
-def _largest_activation(model: str, device: torch.device) -> int:
-    """Values per member and sample of the model's largest activation. On CUDA the MLP runs as one fused
-    kernel that keeps its hidden layer on chip: its logits are the largest tensor a member has (the
-    optimizer's planner measures the rest: ``chunk_size=None`` lets it choose the pieces)."""
-    return 10 if model == "mlp" and device.type == "cuda" else _ACTIVATION[model]
-
-
 def auto_chunk_size(population_size: int, per_member: int, device: torch.device) -> int | None:
     """Largest even chunk whose biggest activation stays under 2^28 elements on CUDA, 2^25 on CPU.
 
@@ -121,8 +114,10 @@ class MnistTask(Task):
             raise InputError(f"--train-subset {cfg.train_subset}: the training set has {len(self.train_y)} images")
         if cfg.train_subset:
             self.train_x, self.train_y = self.train_x[:cfg.train_subset], self.train_y[:cfg.train_subset]
-        if cfg.chunk_size is None:  # resolved here, so the summary and checkpoint show it
-            per_member = cfg.batch_size * _largest_activation(cfg.model, self.device)
+        # on CPU resolved here, so the summary and checkpoint show it; on CUDA None: the optimizer's planner
+        # sizes the pieces from measured memory (the fused MLP keeps its hidden layer on chip)
+        if cfg.chunk_size is None and self.device.type != "cuda":
+            per_member = cfg.batch_size * _ACTIVATION[cfg.model]
             cfg = self.cfg = replace(cfg, chunk_size=auto_chunk_size(cfg.population_size, per_member, self.device))
         torch.manual_seed(cfg.seed)
         self.model = (make_mlp() if cfg.model == "mlp" else make_cnn()).to(self.device)

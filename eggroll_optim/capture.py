@@ -150,7 +150,7 @@ class CompiledStep:
 
     def _capture(self, args) -> None:
         opt = self.opt
-        self.static = tree_map(lambda a: a.detach().clone() if isinstance(a, torch.Tensor) else a, list(args))
+        self._keep_arguments(args)
         self.baked = [{k: g[k] for k in BAKED if k in g} for g in opt.inner.param_groups]
         opt._noise().reseed()  # the seeds the capture's draws set: inside a capture seeding only confirms
         generators = [g for pool in opt._generators.values() for g in pool.generators.values()]
@@ -185,13 +185,17 @@ class CompiledStep:
                 group["sigma"] = sigma
         self.version = opt._graph_version
 
+    def _keep_arguments(self, args) -> None:
+        """Copies of the capture's arguments (the graph reads these), and their flat form, once."""
+        self.static = tree_map(lambda a: a.detach().clone() if isinstance(a, torch.Tensor) else a, list(args))
+        self.static_leaves, self.static_spec = tree_flatten(self.static)
+
     def _replay(self, args) -> torch.Tensor:
         opt = self.opt
         leaves, spec = tree_flatten(list(args))
-        static_leaves, static_spec = tree_flatten(self.static)
-        if spec != static_spec:
-            raise TypeError(f"The compiled step was captured with arguments shaped {static_spec}, got {spec}")
-        for i, (static, a) in enumerate(zip(static_leaves, leaves)):  # tensors inside lists and dicts too
+        if spec != self.static_spec:
+            raise TypeError(f"The compiled step was captured with arguments shaped {self.static_spec}, got {spec}")
+        for i, (static, a) in enumerate(zip(self.static_leaves, leaves)):  # tensors inside lists and dicts too
             if isinstance(static, torch.Tensor):
                 if not isinstance(a, torch.Tensor) or a.shape != static.shape or a.dtype != static.dtype:
                     got = f"{tuple(a.shape)} {a.dtype}" if isinstance(a, torch.Tensor) else type(a).__name__

@@ -204,7 +204,7 @@ def test_a_replay_copies_every_tensor_of_nested_arguments_and_checks_them():
     model = _mlp()
     opt = EggrollOptimizer(model, population_size=8)
     compiled = opt.compile_step(lambda batch, scale: None)
-    compiled.static = [{"x": torch.zeros(2, 3)}, 1.0]
+    compiled._keep_arguments(({"x": torch.zeros(2, 3)}, 1.0))
     compiled.baked = [{} for _ in opt.inner.param_groups]
     compiled.graph, compiled.out, replays = SimpleNamespace(replay=lambda: replays.append(1)), torch.zeros(()), []
     compiled._replay(({"x": torch.ones(2, 3)}, 1.0))

@@ -14,6 +14,10 @@ def per_member_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torc
 
     On CUDA without autograd, one Triton pass over the logits (``kernels.fast.xent``); elsewhere
     log-softmax and gather."""
+    if logits.dim() < 2 or tuple(labels.shape) not in (tuple(logits.shape[1:-1]), tuple(logits.shape[:-1])):
+        raise ValueError(f"per_member_cross_entropy: logits {tuple(logits.shape)} (members, *batch, classes) take "
+                         f"labels {tuple(logits.shape[1:-1])} shared by every member or {tuple(logits.shape[:-1])} "
+                         f"per member, got labels {tuple(labels.shape)}")
     if logits.is_cuda and logits.dim() >= 2 and labels.dim() in (logits.dim() - 2, logits.dim() - 1):
         N, C = logits.shape[0], logits.shape[-1]
         flat = logits.reshape(N, -1, C)

@@ -72,3 +72,18 @@ def test_kernel_and_dispatch_on_cuda():
     zg = z.clone().requires_grad_()  # autograd: the torch path, differentiable
     per_member_cross_entropy(zg, y).sum().backward()
     assert zg.grad is not None and torch.isfinite(zg.grad).all()
+
+
+def test_labels_that_match_neither_the_batch_nor_the_members_are_refused():
+    """Labels shared ``(*batch,)`` or per member ``(N, *batch)`` give the mean per member; any other shape is a
+    clear error (a 5-label batch against 4 rows had failed inside ``expand``)."""
+    z = torch.randn(3, 4, 6, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 6, (4,), generator=torch.Generator().manual_seed(1))
+    shared = per_member_cross_entropy(z, y)
+    per_member = per_member_cross_entropy(z, y.expand(3, 4))
+    expected = torch.stack([torch.nn.functional.cross_entropy(z[i], y) for i in range(3)])
+    torch.testing.assert_close(shared, expected)
+    torch.testing.assert_close(per_member, expected)
+    for bad in (torch.zeros(5, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long)):
+        with pytest.raises(ValueError, match=r"got labels \((5,|2, 4)\)"):
+            per_member_cross_entropy(z, bad)

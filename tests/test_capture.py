@@ -79,6 +79,10 @@ def test_sync_free_nan_policy_matches_the_eager_one(policy):
         assert torch.equal(out, expected) and torch.equal(apply_nan_policy(f, "worst"), expected)
         torch.testing.assert_close(shape_in_graph(f, policy, zscore, flagged), shape_checked(f, policy, zscore),
                                    rtol=0, atol=0)
+        narrow = torch.tensor([0.1, float("nan"), 0.3], dtype=torch.float64)  # spread 0.2 < 1: 0.1 - 1
+        expected = torch.tensor([0.1, 0.1 - 1.0, 0.3], dtype=torch.float64)
+        assert torch.equal(shape_in_graph(narrow, policy, identity, flagged), expected)
+        assert torch.equal(apply_nan_policy(narrow, "worst"), expected)
     else:
         assert torch.equal(out, torch.zeros_like(f))  # no update, as eager "skip"
     flagged.zero_()
@@ -86,7 +90,8 @@ def test_sync_free_nan_policy_matches_the_eager_one(policy):
     assert torch.equal(shape_in_graph(finite, policy, identity, flagged), finite) and int(flagged) == 0
     assert torch.equal(shape_in_graph(torch.full((3,), float("nan")), "worst", identity, flagged), torch.zeros(3))
     half = torch.tensor([1.0, 3.0], dtype=torch.float16)  # shaped in float32, as the eager path
-    assert shape_in_graph(half, policy, zscore, flagged).dtype == torch.float32
+    shaped = shape_in_graph(half, policy, zscore, flagged)
+    assert shaped.dtype == torch.float32 and torch.equal(shaped, shape_checked(half.float(), policy, zscore))
 
 
 def _run(make, shape, optimizer, steps, **kw):

@@ -46,6 +46,27 @@ def test_es_gradients_is_es_gradient_for_each_noise_bit_for_bit(dtype):
         es_gradients(f[:4], noises, N)
 
 
+def test_es_gradients_against_the_formula_with_mixed_dtypes():
+    """``(1/sqrt(N)) Σ_i f_i noise_i`` in float64 for every kind of noise, one call mixing float32 and float64
+    ``Pairs`` (each dtype keeps its own pairs' differences: a result equals that noise's own call)."""
+    g = torch.Generator().manual_seed(5)
+    P, r, N = 4, 2, 24
+    f = torch.randn(2 * P, generator=g)
+    noises = [antithetic_pairs(torch.randn(P, 3, r, generator=g).to(dt), torch.randn(P, 5, r, generator=g).to(dt),
+                               0.2, r) for dt in (torch.float32, torch.float64, torch.float32)]
+    noises += [(torch.randn(2 * P, 3, r, generator=g), torch.randn(2 * P, 4, r, generator=g)),
+               torch.randn(2 * P, 6, generator=g)]
+    got = es_gradients(f, noises, N)
+    for noise, estimate in zip(noises, got):
+        assert torch.equal(estimate, es_gradient(f, noise, N))
+        if isinstance(noise, torch.Tensor):
+            member = noise.double()
+        else:
+            member = torch.einsum("imr,ikr->imk", noise[0].double(), noise[1].double())
+        expected = torch.einsum("i,i...->...", f.double(), member) / N ** 0.5
+        torch.testing.assert_close(estimate.double(), expected, rtol=1e-5, atol=1e-6)
+
+
 def _mlp(layers: int, dtype=torch.float32):
     torch.manual_seed(0)
     widths = [12] + [10] * (layers - 1) + [4]

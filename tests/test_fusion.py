@@ -138,9 +138,42 @@ def test_paired_bias_noise_of_the_wrong_shape_is_refused():
           antithetic_pairs(torch.randn(P, O, R, generator=g), torch.randn(P, H, R, generator=g), 0.1, R))
     x = torch.randn(4, D, generator=g)
     half = torch.randn(P, H, generator=g)
+    members = torch.stack((half, -half), dim=1).flatten(0, 1)  # + then - per pair, built here by hand
+    assert torch.equal(PairedNoise(half).members(), members) and PairedNoise(half).shape == members.shape
     out = perturbed_mlp(x, l1, l2, "tanh", True, (PairedNoise(half), None))
-    ref = perturbed_mlp(x, l1, l2, "tanh", True, (PairedNoise(half).members(), None))
-    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(out, perturbed_mlp(x, l1, l2, "tanh", True, (members, None)), rtol=0, atol=0)
     for bad in (half[:2], torch.randn(P, H + 1, generator=g)):
         with pytest.raises(ValueError, match="one row per pair"):
             perturbed_mlp(x, l1, l2, "tanh", True, (PairedNoise(bad), None))
+
+
+def test_the_pair_kernels_layers_on_cuda_and_the_cpu_layers():
+    """``layers.fused._layers`` (what the block hands ``perturbed_mlp``), with a stand-in for a CUDA weight:
+    on CUDA a shared bias is the layer's and an evolved layer-1 bias with its ``PairedNoise`` becomes
+    ``(W1, b1, Pairs)`` plus that noise; on CPU every bias is per-member noise over no bias."""
+    from types import SimpleNamespace
+
+    from eggroll_optim.layers.fused import _layers
+    from eggroll_optim.noise import PairedNoise, antithetic_pairs
+
+    g = torch.Generator().manual_seed(3)
+    P, H, O, D, R = 2, 6, 3, 5, 2
+    pairs = [antithetic_pairs(torch.randn(P, m, R, generator=g), torch.randn(P, k, R, generator=g), 0.1, R)
+             for m, k in ((H, D), (O, H))]
+    b1, b2 = torch.randn(H, generator=g), torch.randn(O, generator=g)
+    half = torch.randn(P, H, generator=g)
+    evolved1 = b1 + torch.stack((half, -half), 1).flatten(0, 1)  # the chunk's per-member values
+    for cuda in (True, False):
+        w1, w2 = (SimpleNamespace(is_cuda=cuda, name=name) for name in ("W1", "W2"))
+        first, second = SimpleNamespace(weight=w1, bias=b1), SimpleNamespace(weight=w2, bias=b2)
+        paired = PairedNoise(half)
+        layers, noise = _layers(first, second, pairs, (evolved1, b2), (b1, paired))
+        if cuda:
+            assert layers[0][0] is w1 and layers[0][1] is b1 and layers[0][2] is pairs[0] and noise[0] is paired
+            assert layers[1][1] is b2 and noise[1] is None  # shared: the layer's own bias, no noise
+        else:
+            assert layers[0][1] is None and noise[0] is evolved1
+            assert layers[1][1] is None and torch.equal(noise[1], b2.expand(2 * P, -1))
+        # without the paired noise (a per-member input, a nested block): the per-member values
+        layers, noise = _layers(first, second, pairs, (evolved1, b2), None)
+        assert layers[0][1] is None and noise[0] is evolved1

@@ -1,7 +1,8 @@
 """The recipes' plumbing: atomic checkpoints, the metrics log, the CLI's config precedence."""
 import json
-from pathlib import Path
 import warnings
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -172,5 +173,9 @@ def test_tf32_flag_reaches_the_config_and_sets_torch_only_on_cuda():
     try:
         make_optimizer(torch.nn.Linear(3, 2), cfg)
         assert torch.backends.cuda.matmul.allow_tf32 is False
+        make_optimizer(torch.nn.Linear(3, 2), replace(cfg, device="cuda"))  # (the module itself may stay put)
+        assert torch.backends.cuda.matmul.allow_tf32 is True
+        make_optimizer(torch.nn.Linear(3, 2), replace(cfg, device="cuda", tf32=False))
+        assert torch.backends.cuda.matmul.allow_tf32 is True  # off by default: torch's flag as the user left it
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous

@@ -78,7 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float)
     p.add_argument("--lr-decay", type=float, metavar="GAMMA", help="ExponentialLR factor per step, in (0, 1]")
     p.add_argument("--sigma-decay", type=float, metavar="GAMMA", help="sigma factor per step, in (0, 1]")
-    p.add_argument("--optimizer", choices=["sgd", "adam"], help="inner torch.optim optimizer (sgd = the seed's update)")
+    p.add_argument("--optimizer", choices=["sgd", "adam", "adamw"],
+                   help="inner torch.optim optimizer (sgd = the seed's update)")
+    p.add_argument("--weight-decay", type=float, metavar="W",
+                   help="the inner optimizer's weight decay (adamw: decoupled; sgd, adam: L2); default 0, with adamw 0.05")
+    p.add_argument("--hidden", type=int, metavar="H", help="mnist_mlp: hidden units (784-H-10, default 256)")
     p.add_argument("--max-epochs", type=int, metavar="STEPS", help="ES steps (hyperscale: timed steps per size)")
     p.add_argument("--chunk-size", type=int, metavar="N", help="evaluate the population in chunks of N (even)")
     p.add_argument("--batch-size", type=int, metavar="B", help="MNIST minibatch / arithmetic problems per ES step")
@@ -96,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on CUDA, run each ES step eagerly instead of replaying it from a CUDA graph")
     p.add_argument("--tf32", action="store_const", const=True,
                    help="on CUDA, float32 matmuls in TF32 (torch.backends.cuda.matmul.allow_tf32): the fused MLP's "
-                        "fastest kernels run only then")
+                        "fastest kernels run only then (the MNIST recipes' default)")
+    p.add_argument("--no-tf32", dest="tf32", action="store_const", const=False,
+                   help="on CUDA, leave torch's TF32 flag as it is (IEEE float32 matmuls by default)")
     p.add_argument("--log-every", type=int, metavar="STEPS", help="flush metrics (one host sync) every STEPS steps")
     p.add_argument("--eval-every", type=int, metavar="STEPS")
     p.add_argument("--checkpoint-every", type=int, metavar="STEPS")

@@ -35,6 +35,8 @@ RULES = {
     "rank": _int_at_least(1),
     "sigma": _POSITIVE,
     "lr": ((lambda v: _finite(v) and v >= 0), "a finite number >= 0"),
+    "weight_decay": ((lambda v: _finite(v) and v >= 0), "a finite number >= 0"),
+    "hidden": _int_at_least(1),
     "lr_decay": _DECAY,
     "sigma_decay": _DECAY,
     "max_epochs": _int_at_least(1),

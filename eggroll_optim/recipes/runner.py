@@ -26,6 +26,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -55,7 +56,9 @@ class RunConfig:
     lr: float = 0.1
     lr_decay: float = 1.0
     sigma_decay: float = 0.999
-    optimizer: str = "sgd"  # "sgd" (the seed's update) or "adam"
+    optimizer: str = "sgd"  # "sgd" (the seed's update), "adam" or "adamw"
+    weight_decay: float | None = None  # the inner optimizer's (adamw: decoupled; sgd, adam: L2); None: ADAMW_DECAY
+    # with adamw, else 0
     max_epochs: int = 100  # ES steps
     chunk_size: int | None = None  # None: automatic
     log_every: int = 1
@@ -64,6 +67,9 @@ class RunConfig:
     checkpoint_seconds: float = 60.0  # also save after a step that ends this long after the last save
     cuda_graph: bool = True  # on CUDA, one process: each ES step replayed from a CUDA graph (compile_step)
     tf32: bool = False  # on CUDA: float32 matmuls in TF32 (the fused MLP's register-resident kernels need it)
+
+
+ADAMW_DECAY = 0.05  # --optimizer adamw without --weight-decay (MNIST MLP: benchmarks/RESULTS.md, section 7)
 
 
 class Task:
@@ -132,14 +138,17 @@ def step_function(optimizer: EggrollOptimizer, closure, cfg: RunConfig, maximize
 
 def make_optimizer(model: torch.nn.Module, cfg: RunConfig):
     """``EggrollOptimizer`` from the config, plus an ``ExponentialLR`` when ``lr_decay != 1``."""
-    inner = {"sgd": None, "adam": torch.optim.Adam}
+    inner = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
     if cfg.optimizer not in inner:
         raise ValueError(f"Invalid optimizer: {cfg.optimizer!r} (expected one of {sorted(inner)})")
+    decay = cfg.weight_decay if cfg.weight_decay is not None else ADAMW_DECAY if cfg.optimizer == "adamw" else 0.0
+    # plain SGD without decay is the default inner update (the seed's); any other: a factory of groups
+    factory = None if (cfg.optimizer, decay) == ("sgd", 0.0) else partial(inner[cfg.optimizer], weight_decay=decay)
     if cfg.tf32 and torch.device(cfg.device).type == "cuda":  # torch's own flag: the kernels read it
         torch.backends.cuda.matmul.allow_tf32 = True
     opt = EggrollOptimizer(
         model, lr=cfg.lr, sigma=cfg.sigma, rank=cfg.rank, population_size=cfg.population_size,
-        seed=cfg.seed, optimizer=inner[cfg.optimizer], sigma_decay=cfg.sigma_decay, chunk_size=cfg.chunk_size,
+        seed=cfg.seed, optimizer=factory, sigma_decay=cfg.sigma_decay, chunk_size=cfg.chunk_size,
         process_group=launch.group(),  # under torchrun: this rank evaluates its share of the population
     )
     scheduler = None if cfg.lr_decay == 1.0 else torch.optim.lr_scheduler.ExponentialLR(opt, cfg.lr_decay)

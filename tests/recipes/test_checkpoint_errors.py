@@ -42,8 +42,8 @@ def _checkpoint(kind: str, good: bytes, path) -> str:
         torch.save({**state, "experiment": "mnist_cnn"}, path)
         return "is a checkpoint of experiment 'mnist_cnn', not 'mnist_mlp'"
     if kind == "unknown config field":
-        torch.save({**state, "config": {**state["config"], "hidden": 256}}, path)
-        return "has fields ['hidden'] that mnist_mlp does not know"
+        torch.save({**state, "config": {**state["config"], "width_multiplier": 2}}, path)
+        return "has fields ['width_multiplier'] that mnist_mlp does not know"
     raise ValueError(kind)
 
 

@@ -137,7 +137,7 @@ def test_all_runs_every_experiment_into_its_own_folder(tmp_path, monkeypatch):
     assert [steps for *_, steps in calls] == [6, 50, 20, 1]
     calls.clear()
     cli.main(["--experiment", "mnist", "--device", "cpu"])
-    assert calls == [("mnist_mlp", Path("runs") / "mnist_mlp", 3600)]  # the tuned default (recipes.mnist.MLP)
+    assert calls == [("mnist_mlp", Path("runs") / "mnist_mlp", 10000)]  # the tuned default (recipes.mnist.MLP)
 
 
 def test_flags_an_experiment_cannot_use_are_reported(tmp_path, monkeypatch):
@@ -179,3 +179,111 @@ def test_tf32_flag_reaches_the_config_and_sets_torch_only_on_cuda():
         assert torch.backends.cuda.matmul.allow_tf32 is True  # off by default: torch's flag as the user left it
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def _mnist_config(name: str, *flags: str):
+    from eggroll_optim.recipes import __main__ as cli
+
+    return cli.make_config(name, cli.build_parser().parse_args(["--device", "cpu", *flags]))
+
+
+@pytest.mark.parametrize("flags, inner_type, decay", [
+    (["--optimizer", "sgd"], torch.optim.SGD, 0.0),  # the seed's update: torch's SGD, no decay
+    (["--optimizer", "adamw"], torch.optim.AdamW, 0.05),  # ADAMW_DECAY, not AdamW's own default 0.01
+    (["--optimizer", "adamw", "--weight-decay", "0.01"], torch.optim.AdamW, 0.01),
+    (["--optimizer", "adam", "--weight-decay", "0.1"], torch.optim.Adam, 0.1),
+    (["--optimizer", "sgd", "--weight-decay", "0.2"], torch.optim.SGD, 0.2),
+])
+def test_make_optimizer_builds_the_inner_optimizer_with_its_weight_decay(flags, inner_type, decay):
+    """``--optimizer`` picks the inner ``torch.optim`` class; ``--weight-decay`` reaches every one of its param
+    groups (default 0, with adamw ``ADAMW_DECAY``); the inner optimizer steps the model's parameters at ``--lr``."""
+    from eggroll_optim.recipes.runner import ADAMW_DECAY, make_optimizer
+
+    assert ADAMW_DECAY == 0.05
+    cfg = _mnist_config("mnist_mlp", *flags, "--lr", "0.03")
+    model = torch.nn.Linear(3, 2)
+    opt, _ = make_optimizer(model, cfg)
+    inner = opt.inner
+    assert type(inner) is inner_type
+    assert inner.param_groups and all(g["weight_decay"] == decay for g in inner.param_groups)
+    assert all(g["lr"] == 0.03 for g in inner.param_groups)
+    held = [p for g in inner.param_groups for p in g["params"]]
+    assert len(held) == 2 and {id(p) for p in held} == {id(p) for p in model.parameters()}
+
+
+def test_the_seeds_sgd_flags_give_plain_sgd_although_the_mnist_default_is_adamw():
+    """The MNIST MLP's default is AdamW with decay; the seed's flag set (README) is plain SGD: no decay, no
+    momentum, whatever the default optimizer's decay."""
+    from eggroll_optim.recipes import mnist
+    from eggroll_optim.recipes.runner import make_optimizer
+
+    default = _mnist_config("mnist_mlp")
+    assert (default.optimizer, default.max_epochs, mnist.MLP["optimizer"]) == ("adamw", 10000, "adamw")
+    assert type(make_optimizer(torch.nn.Linear(3, 2), default)[0].inner) is torch.optim.AdamW
+    cfg = _mnist_config("mnist_mlp", "--optimizer", "sgd", "--lr", "0.1", "--sigma", "0.15", "--sigma-decay", "0.999",
+                        "--lr-decay", "1", "--population-size", "4096", "--batch-size", "256", "--max-epochs", "100")
+    assert (cfg.optimizer, cfg.lr, cfg.sigma, cfg.sigma_decay, cfg.lr_decay) == ("sgd", 0.1, 0.15, 0.999, 1.0)
+    assert (cfg.population_size, cfg.batch_size, cfg.max_epochs) == (4096, 256, 100)
+    opt, scheduler = make_optimizer(torch.nn.Linear(3, 2), cfg)
+    assert scheduler is None  # --lr-decay 1: a constant lr
+    assert type(opt.inner) is torch.optim.SGD
+    (group,) = opt.inner.param_groups
+    assert (group["weight_decay"], group["momentum"], group["lr"]) == (0.0, 0, 0.1)
+
+
+def _tiny_mnist(mnist_root, name: str, *flags: str):
+    return _mnist_config(name, "--quick", "--data-dir", str(mnist_root), "--population-size", "8",
+                         "--batch-size", "4", "--train-subset", "64", *flags)
+
+
+def test_hidden_sets_the_mnist_mlps_width(mnist_root):
+    """``--hidden 64``: a 784-64-10 MLP, evolved whole; without it 784-256-10."""
+    from eggroll_optim.recipes.mnist import MnistTask
+
+    def shapes(task):
+        return [tuple(p.shape) for p in task.model.parameters()]
+
+    task = MnistTask(_tiny_mnist(mnist_root, "mnist_mlp", "--hidden", "64"))
+    assert task.cfg.hidden == 64
+    assert shapes(task) == [(64, 784), (64,), (10, 64), (10,)]
+    held = [tuple(p.shape) for g in task.optimizer.inner.param_groups for p in g["params"]]
+    assert sorted(held) == sorted(shapes(task))
+    with torch.no_grad():
+        assert task.model(task.train_x[:2]).shape == (2, 10)
+    default = MnistTask(_tiny_mnist(mnist_root, "mnist_mlp"))
+    assert default.cfg.hidden is None
+    assert shapes(default) == [(256, 784), (256,), (10, 256), (10,)]
+
+
+def test_hidden_with_the_cnn_is_an_input_error(mnist_root):
+    from eggroll_optim.recipes.mnist import MnistTask
+
+    with pytest.raises(InputError, match="--hidden"):
+        MnistTask(_tiny_mnist(mnist_root, "mnist_cnn", "--hidden", "64"))
+    MnistTask(_tiny_mnist(mnist_root, "mnist_cnn"))  # the CNN itself builds
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--hidden", "0"], "--hidden 0: expected an integer >= 1"),
+    (["--hidden", "-3"], "--hidden -3: expected an integer >= 1"),
+    (["--weight-decay", "-1"], "--weight-decay -1.0: expected a finite number >= 0"),
+    (["--weight-decay", "nan"], "--weight-decay nan: expected a finite number >= 0"),
+    (["--weight-decay", "inf"], "--weight-decay inf: expected a finite number >= 0"),
+])
+def test_hidden_and_weight_decay_out_of_range_are_input_errors(flags, expected):
+    with pytest.raises(InputError) as info:
+        _mnist_config("mnist_mlp", *flags)
+    assert str(info.value) == expected
+    assert _mnist_config("mnist_mlp", "--hidden", "1", "--weight-decay", "0").weight_decay == 0.0  # the edges pass
+
+
+def test_tf32_is_on_by_default_for_mnist_only():
+    """The MNIST recipes default to TF32 (``--no-tf32``: off); the other recipes keep torch's default."""
+    for name in ("mnist_mlp", "mnist_cnn"):
+        assert _mnist_config(name).tf32 is True
+        assert _mnist_config(name, "--quick").tf32 is True
+        assert _mnist_config(name, "--no-tf32").tf32 is False
+        assert _mnist_config(name, "--tf32").tf32 is True
+    assert _mnist_config("cartpole").tf32 is False
+    assert _mnist_config("cartpole", "--no-tf32").tf32 is False
+    assert _mnist_config("cartpole", "--tf32").tf32 is True

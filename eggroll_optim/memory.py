@@ -8,7 +8,10 @@ root module runs its members in pieces that fit a memory budget:
   holds unused; on CPU the available RAM (``psutil`` if installed, else ``os.sysconf``'s free pages);
 - the first call with a new input signature (shapes, dtypes, grad mode) runs a probe of
   ``PROBE_MEMBERS`` members and measures it. On CUDA: the peak of ``torch.cuda.max_memory_allocated``
-  over the probe (the device's peak statistics are reset for it). Elsewhere, an estimate: the bytes
+  over the probe (the device's peak statistics are reset for it), run a second time: the first run
+  compiles and autotunes the probe's kernels, whose scratch memory (Triton's benchmark buffers, a
+  library's first workspace) is not the members'; counted, it made a cold process plan smaller pieces
+  than a warm one, whose shapes the autotuner then timed again. Elsewhere, an estimate: the bytes
   of every tensor the probe's operators create (a ``TorchDispatchMode`` counts each output that does
   not alias an input), as if nothing were freed before the probe ends: an upper bound of its peak;
 - a member then costs ``measured / probe`` plus its noise; the rest of the population runs in
@@ -161,6 +164,11 @@ class RunningStats:
         self.results = [torch.zeros_like(buf, dtype=torch.float64) if buf.is_floating_point() else buf.clone()
                         for buf, _ in self.buffers]
         self.members = 0
+
+    def discard(self) -> None:
+        """A piece whose results are not kept (the probe's unmeasured first run): the buffers as they were."""
+        for buf, start in self.buffers:
+            buf.copy_(start)
 
     def done(self, members: int) -> None:
         for (buf, start), result in zip(self.buffers, self.results):

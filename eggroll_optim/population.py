@@ -255,6 +255,9 @@ class Population:
         probe = key is not None and not self.planner.knows(key) and stop - start > PROBE_MEMBERS
         todo = [(start, start + PROBE_MEMBERS)] if probe else self._pieces(start, stop, key)
         outputs, stats, halved = [], RunningStats(self.plan.updating_norms()), False
+        if probe and self.noise.entries[0][0].is_cuda and not _capturing():  # compile and tune outside the measurement
+            self._run_piece(*todo[0], inner, root, args, kwargs, None)
+            stats.discard()
         while todo:
             piece, failed, measure = todo.pop(0), False, probe and not outputs
             try:

@@ -156,3 +156,39 @@ def test_a_large_population_of_the_mnist_mlp_steps_within_a_memory_budget():
     (fit,) = opt._planner.fits.values()
     assert PROBE_MEMBERS < fit < N // 8, fit  # pieces, each within the budget
     assert torch.isfinite(loss) and not torch.equal(model[0].weight, before)
+
+
+@pytest.mark.cuda
+def test_cuda_probe_is_measured_on_its_second_run_not_the_first_calls_scratch():
+    """A first call compiles and autotunes (Triton's benchmark buffers, a library's workspace): that scratch
+    is not the members'. Measured, it had made a cold process plan smaller pieces than a warm one (new
+    shapes to tune again). The probe runs twice on CUDA; the running statistics keep one call's result."""
+
+    class FirstCallScratch(nn.Module):
+        seen = False
+
+        def forward(self, x):
+            if not self.seen:
+                self.seen = True
+                torch.empty(256 * 2**20, dtype=torch.uint8, device=x.device)  # like Triton's benchmark buffer
+            return x
+
+    def run(scratch: bool, chunk_size="auto"):
+        torch.manual_seed(0)
+        layers = [nn.Linear(64, 256), nn.BatchNorm1d(256), nn.Tanh(), nn.Linear(256, 8)]
+        model = nn.Sequential(*([FirstCallScratch()] if scratch else []), *layers).cuda()
+        opt = EggrollOptimizer(model, population_size=1024, rank=2, seed=1, chunk_size=chunk_size,
+                               max_memory=2**30)
+        x = torch.randn(32, 64, device="cuda", generator=torch.Generator("cuda").manual_seed(2))
+        with torch.no_grad(), opt.ask():
+            out = model(x)
+        return opt, model[-3 if scratch else 1], out
+
+    (opt, bn, out), (opt_scratch, bn_scratch, out_scratch) = run(False), run(True)
+    assert opt_scratch._planner.fits == opt._planner.fits  # counted, 256 MiB / 16 members would cap it at ~64
+    assert min(opt._planner.fits.values()) >= 1024
+    _, bn_whole, out_whole = run(False, chunk_size=1024)
+    torch.testing.assert_close(out_scratch, out_whole)
+    torch.testing.assert_close(bn_scratch.running_mean, bn_whole.running_mean)
+    torch.testing.assert_close(bn_scratch.running_var, bn_whole.running_var)
+    assert bn_scratch.num_batches_tracked.item() == bn_whole.num_batches_tracked.item() == 1

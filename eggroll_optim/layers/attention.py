@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fused import logical, physical
+from ._vmap import logical, physical
 from .linear import lowrank_linear_term
 
 __all__ = ["lowrank_names", "mha_forward"]

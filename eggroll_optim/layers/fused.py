@@ -1,9 +1,10 @@
-"""The one dispatch point to the fused kernels, and the vmap escape they need.
+"""The fused MLP block's dispatch to its kernels.
 
 A rule's forward sees one member (vmap's logical view). A fused kernel wants the whole chunk at
-once: ``physical`` turns a logical tensor into ``(n, ...)`` (or reports it shared: no member dim)
-and ``logical`` hands a ``(n, ...)`` result back to vmap. These use ``torch._C._functorch``, the
-functions ``torch.func`` is built on; they are the only private torch API in the package.
+once: ``_vmap.physical`` turns a logical tensor into ``(n, ...)`` (or reports it shared: no member
+dim) and ``_vmap.logical`` hands a ``(n, ...)`` result back to vmap. These and this module's level
+checks use ``torch._C._functorch``, the functions ``torch.func`` is built on: the only private torch
+API in the package.
 
 Fused paths (``fused=`` of ``EggrollOptimizer``: ``None`` uses them where they apply, ``True``
 insists and raises where they cannot run, ``False`` never uses them):
@@ -12,6 +13,9 @@ insists and raises where they cannot run, ``False`` never uses them):
   (one Triton kernel on CUDA with the hidden layer kept on chip; ``kernels.cpu_mlp`` for a float32
   or float64 CPU input, shared or per member). Elsewhere the block runs layer by layer through the
   Linear rule: the same numbers up to rounding.
+- A 2-D conv without groups on a per-member input takes its low-rank term from
+  ``kernels.fast.conv`` (``layers.linear.conv_forward``; with ``fused=None`` or ``True``, falling back
+  to the conv under vmap where the kernel does not apply).
 """
 from __future__ import annotations
 
@@ -23,22 +27,10 @@ from torch._C import _functorch
 
 from ..kernels.fast import mlp_block_activation, mlp_fast_path, perturbed_mlp
 from ..noise import Pairs
+from ._vmap import logical, physical
 from .linear import linear_forward
 
 __all__ = ["logical", "mlp_block_forward", "mlp_block_names", "mlp_block_whole", "physical"]
-
-
-def physical(x: torch.Tensor, level: int) -> tuple[torch.Tensor, bool]:
-    """``(tensor, per_member)``: ``(n, *logical shape)`` when ``x`` carries the member dim of vmap
-    ``level``, else ``x`` itself (shared by every member)."""
-    if _functorch.is_batchedtensor(x) and _functorch.maybe_get_level(x) == level:
-        return _functorch.get_unwrapped(x).movedim(_functorch.maybe_get_bdim(x), 0), True
-    return x, False
-
-
-def logical(t: torch.Tensor, level: int) -> torch.Tensor:
-    """A ``(n, ...)`` tensor as vmap ``level``'s per-member tensor."""
-    return _functorch._add_batch_dim(t, 0, level)
 
 
 def mlp_block_names(block: nn.Sequential) -> tuple[str, ...]:

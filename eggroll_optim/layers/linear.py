@@ -22,6 +22,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels.fast.conv import lowrank_conv2d_fits, lowrank_conv2d_members
+from ._vmap import logical, physical
+
 __all__ = [
     "check_conv", "check_embedding", "conv_forward", "conv_transpose_forward", "embedding_forward",
     "linear_forward", "lowrank_linear_term",
@@ -69,9 +72,26 @@ def conv_forward(call, module, x: torch.Tensor) -> torch.Tensor:
     factors = call.factors(module.weight)
     if factors is None:
         return out
+    fast = _fused_conv2d(call, module, xp, out, padding)
+    if fast is not None:
+        return fast
     A, B = factors  # (C_out, r), (C_in/g * prod k, r)
     z = conv(xp, _group_filters(B.to(x.dtype), module), None, groups=module.groups, **args)  # (Bt, g r, *S_out)
     return out + _channel_mix(z, A.to(x.dtype), module.groups, spatial)  # output o of group j: z[j r : j r + r]
+
+
+def _fused_conv2d(call, module, x: torch.Tensor, out: torch.Tensor, padding) -> torch.Tensor | None:
+    """``out + conv(x_i, A_i B_iᵀ)`` by ``kernels.fast.conv`` on the whole chunk, outside vmap, where it
+    applies (a per-member input of a 2-D conv without groups, ``fused`` not ``False``); else ``None``."""
+    if call.fused is False or module.weight.dim() != 4:
+        return None
+    xs, per_member = physical(x, call.level)
+    A, B = call.chunk_factors(module.weight)  # (n, C_out, r), (n, C_in k_h k_w, r)
+    if not per_member or not lowrank_conv2d_fits(xs, module.weight, module.groups, padding, A.shape[-1]):
+        return None
+    base, _ = physical(out, call.level)  # per member: the input is
+    delta = lowrank_conv2d_members(xs, base, A, B, module.kernel_size, module.stride, padding, module.dilation)
+    return logical(delta, call.level)
 
 
 def conv_transpose_forward(call, module, x: torch.Tensor, output_size=None) -> torch.Tensor:

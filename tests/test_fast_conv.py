@@ -1,0 +1,118 @@
+"""The fused low-rank conv (``kernels.fast.conv``) against a float64 dense reference, alone and inside a
+population (``layers.linear.conv_forward`` with per-member inputs), where ``fused=False`` runs the conv
+under vmap instead. On CPU the kernel runs under Triton's interpreter (a subprocess); on CUDA compiled."""
+
+import pytest
+import torch
+
+from interpreted import run_interpreted
+
+triton = pytest.importorskip("triton")
+
+# (n, Bt, C, H, W, C_out, r, kernel, stride, padding, dilation): odd sizes, masks on every edge, rank 1,
+# more output channels than one block (BO = 32), a non-square kernel, stride, dilation, no padding
+CASES = [
+    (3, 2, 4, 9, 7, 5, 2, (3, 3), 1, 1, 1),
+    (2, 3, 3, 10, 11, 40, 4, (3, 2), (2, 1), (1, 0), 1),
+    (4, 1, 2, 12, 12, 7, 1, (3, 3), 2, 2, 2),
+    (2, 2, 5, 6, 5, 3, 3, (1, 1), 1, 0, 1),
+    (2, 2, 16, 14, 14, 32, 4, (3, 3), 1, 1, 1),  # the MNIST CNN's second conv
+]
+
+CHECK = """
+import torch
+import torch.nn.functional as F
+from eggroll_optim.kernels.fast.conv import lowrank_conv2d_fits, lowrank_conv2d_members
+
+
+def pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def check(case, device, dtype):
+    n, Bt, C, H, W, C_out, r, k, stride, padding, dilation = case
+    g = torch.Generator().manual_seed(sum(map(hash, map(str, case))) % 2**31)
+    x = torch.randn(n, Bt, C, H, W, generator=g, dtype=torch.float64)
+    weight = torch.randn(C_out, C, *k, generator=g, dtype=torch.float64) * 0.3
+    A = torch.randn(n, C_out, r, generator=g, dtype=torch.float64) * 0.2
+    B = torch.randn(n, C * k[0] * k[1], r, generator=g, dtype=torch.float64)
+    args = dict(stride=stride, padding=padding, dilation=dilation)
+    dense = torch.stack([F.conv2d(x[i], weight + (A[i] @ B[i].T).view(C_out, C, *k), **args) for i in range(n)])
+    base = torch.stack([F.conv2d(x[i], weight, **args) for i in range(n)]).to(dtype)
+    base = base.transpose(0, 1).contiguous().transpose(0, 1)  # any strides: batch-major storage
+    xd = x.to(dtype).to(device)
+    assert lowrank_conv2d_fits(xd, weight, 1, padding, r)
+    out = lowrank_conv2d_members(xd, base.to(device), A.to(dtype).to(device), B.to(dtype).to(device), k,
+                                 stride, padding, dilation)
+    assert out.shape == dense.shape and out.dtype == dtype and out.is_contiguous()
+    err = ((out.double().cpu() - dense).abs().max() / dense.abs().max()).item()
+    assert err < (1e-12 if dtype == torch.float64 else 1e-5), (case, dtype, err)
+"""
+
+
+def test_lowrank_conv2d_matches_the_float64_dense_conv_interpreted():
+    run_interpreted(CHECK + f"""
+for case in {CASES!r}:
+    for dtype in (torch.float64, torch.float32):
+        check(case, "cpu", dtype)
+x = torch.zeros(2, 1, 3, 5, 5)
+w = torch.zeros(4, 3, 3, 3)
+assert not lowrank_conv2d_fits(x, w, 1, "same", 2)  # string padding
+assert not lowrank_conv2d_fits(torch.zeros(2, 3, 5, 5), w, 1, 1, 2)  # no per-member batch dim
+assert not lowrank_conv2d_fits(x.half(), w, 1, 1, 2)
+assert not lowrank_conv2d_fits(x, torch.zeros(4, 1, 3, 3), 3, 1, 2)  # groups
+""")
+
+
+POPULATION = """
+import torch
+import torch.nn as nn
+from eggroll_optim import EggrollOptimizer
+import eggroll_optim.layers.linear as linear
+
+calls = []
+kernel = linear.lowrank_conv2d_members
+linear.lowrank_conv2d_members = lambda *a, **k: calls.append(1) or kernel(*a, **k)
+
+
+def run(fused, device):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 6, 3, padding=1, bias=False), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 5, (3, 1), stride=2, dilation=(1, 2)),
+        nn.Flatten(), nn.LazyLinear(3),
+    ).to(device)
+    model(torch.zeros(1, 1, 12, 12, device=device))
+    opt = EggrollOptimizer(model, population_size=6, rank=2, sigma=0.1, seed=3, fused=fused)
+    x = torch.randn(4, 1, 12, 12, generator=torch.Generator().manual_seed(1)).to(device)
+    with torch.no_grad(), opt.ask():
+        return model(x)
+
+
+def check(device):
+    del calls[:]
+    fused = run(None, device)
+    assert len(calls) == 2, calls  # the second and third convs: per-member inputs; the first is shared
+    plain = run(False, device)
+    assert len(calls) == 2
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+"""
+
+
+def test_population_conv_takes_the_kernel_and_matches_vmap_interpreted():
+    run_interpreted(POPULATION + "\ncheck('cpu')\n")
+
+
+@pytest.mark.cuda
+def test_lowrank_conv2d_on_cuda():
+    namespace = {}
+    exec(CHECK, namespace)
+    for case in CASES:
+        namespace["check"](case, "cuda", torch.float32)
+    namespace["check"](CASES[1], "cuda", torch.float64)
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # the vmap path's convs in IEEE float32, as the kernel
+    try:
+        exec(POPULATION + "\ncheck('cuda')\n", {})
+    finally:
+        torch.backends.cudnn.allow_tf32 = previous

@@ -178,7 +178,7 @@ def test_cuda_probe_is_measured_on_its_second_run_not_the_first_calls_scratch():
         layers = [nn.Linear(64, 256), nn.BatchNorm1d(256), nn.Tanh(), nn.Linear(256, 8)]
         model = nn.Sequential(*([FirstCallScratch()] if scratch else []), *layers).cuda()
         opt = EggrollOptimizer(model, population_size=1024, rank=2, seed=1, chunk_size=chunk_size,
-                               max_memory=2**30)
+                               max_memory=2**30 if chunk_size == "auto" else None)
         x = torch.randn(32, 64, device="cuda", generator=torch.Generator("cuda").manual_seed(2))
         with torch.no_grad(), opt.ask():
             out = model(x)

@@ -77,6 +77,32 @@ def test_reference_is_two_perturbed_linears_in_float64():
     assert torch.allclose(perturbed_linear(x, *l1, shared=True), x @ l1[0].T + l1[1] + torch.einsum("md,ndr,nhr->nmh", x, l1[3], l1[2]))
 
 
+def test_fused_kernel_leaves_autograd_to_the_torch_path_interpreted():
+    """With grad on and a weight that requires it, the kernel (whose output autograd does not see) steps
+    aside: the weights get the reference's gradients; under no_grad the kernel runs."""
+    run_interpreted(
+        """
+        import torch
+        import eggroll_optim.kernels.fast.mlp as fast
+        from test_fast_mlp import _inputs
+        calls = []
+        kernel = fast._fused
+        fast._fused = lambda *a, **k: calls.append(1) or kernel(*a, **k)
+        x, l1, l2 = _inputs(8, 6, 16, 3, 4, 2, seed=5)
+        with torch.no_grad():
+            fast.perturbed_mlp(x, l1, l2, "tanh")
+        assert calls == [1]
+        W1 = l1[0].clone().requires_grad_()
+        out = fast.perturbed_mlp(x, (W1, *l1[1:]), l2, "tanh")
+        assert calls == [1] and out.requires_grad
+        out.square().sum().backward()
+        W1r = l1[0].clone().requires_grad_()
+        fast.perturbed_mlp_reference(x, (W1r, *l1[1:]), l2, "tanh").square().sum().backward()
+        torch.testing.assert_close(W1.grad, W1r.grad)
+        """
+    )
+
+
 def test_fused_kernel_in_triton_interpreter():
     run_interpreted(
         """

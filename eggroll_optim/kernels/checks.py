@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_factors"]
+__all__ = ["check_factors", "needs_autograd"]
 
 
 def check_factors(
@@ -26,3 +26,12 @@ def check_factors(
     devices = {t.device for t in (A_scaled, B, *tensors) if t is not None}
     if len(devices) > 1:
         raise ValueError(f"{name}: tensors are on different devices {sorted(map(str, devices))}")
+
+
+def needs_autograd(*tensors) -> bool:
+    """Grad mode is on and a tensor requires grad: a kernel writing its own output (which autograd does not
+    see) would cut the graph, so the torch path runs instead. Tuples of tensors are searched too."""
+    if not torch.is_grad_enabled():
+        return False
+    flat = [u for t in tensors for u in (t if isinstance(t, (tuple, list)) else (t,))]
+    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in flat)

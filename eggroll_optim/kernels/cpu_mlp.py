@@ -43,6 +43,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .checks import needs_autograd
 from .mlp import ACTIVATIONS, mlp_layer, perturbed_mlp_reference
 
 __all__ = ["perturbed_mlp_cpu", "perturbed_mlp_cpu_members"]
@@ -108,8 +109,7 @@ def _layer2_offset(b2, bn2, N: int, W2: torch.Tensor) -> torch.Tensor:
 
 
 def _needs_autograd(x, layer1, layer2, bias_noise) -> bool:
-    tensors = (x, *layer1[:2], *layer1[2], *layer2[:2], *layer2[2], *bias_noise)
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return needs_autograd(x, *layer1[:2], *layer1[2], *layer2[:2], *layer2[2], *bias_noise)
 
 
 def perturbed_mlp_cpu(x, layer1, layer2, activation="tanh", shared=True, bias_noise=(None, None)) -> torch.Tensor:

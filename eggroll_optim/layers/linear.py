@@ -87,9 +87,9 @@ def _fused_conv2d(call, module, x: torch.Tensor, out: torch.Tensor, padding) -> 
         return None
     xs, per_member = physical(x, call.level)
     A, B = call.chunk_factors(module.weight)  # (n, C_out, r), (n, C_in k_h k_w, r)
-    if not per_member or not lowrank_conv2d_fits(xs, module.weight, module.groups, padding, A.shape[-1]):
+    base, _ = physical(out, call.level)  # per member where the input is
+    if not per_member or not lowrank_conv2d_fits(xs, module.weight, module.groups, padding, A.shape[-1], base, A, B):
         return None
-    base, _ = physical(out, call.level)  # per member: the input is
     delta = lowrank_conv2d_members(xs, base, A, B, module.kernel_size, module.stride, padding, module.dilation)
     return logical(delta, call.level)
 

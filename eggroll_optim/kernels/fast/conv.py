@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from ..checks import needs_autograd
 from ._triton import interpreted as _interpreted
 from ._triton import pow2 as _pow2
 from ._triton import tl, triton
@@ -21,9 +22,10 @@ from ._triton import tl, triton
 __all__ = ["lowrank_conv2d_members", "lowrank_conv2d_fits"]
 
 
-def lowrank_conv2d_fits(x: torch.Tensor, weight: torch.Tensor, groups: int, padding, rank: int) -> bool:
+def lowrank_conv2d_fits(x: torch.Tensor, weight: torch.Tensor, groups: int, padding, rank: int, *others) -> bool:
     """The kernel's case: Triton, a CUDA (or interpreted) float32/float64 per-member input
-    ``(n, Bt, C, H, W)``, a 2-D kernel without groups, numeric padding and a rank of at most 64."""
+    ``(n, Bt, C, H, W)``, a 2-D kernel without groups, numeric padding, a rank of at most 16, and no
+    autograd through ``x``, ``weight`` or ``others`` (the kernel's output is outside the graph)."""
     return (
         triton is not None
         and (x.is_cuda or _interpreted())
@@ -32,7 +34,8 @@ def lowrank_conv2d_fits(x: torch.Tensor, weight: torch.Tensor, groups: int, padd
         and weight.dim() == 4
         and groups == 1
         and not isinstance(padding, str)
-        and rank <= 64
+        and rank <= 16
+        and not needs_autograd(x, weight, *others)
     )
 
 
@@ -52,13 +55,14 @@ def lowrank_conv2d_members(x, base, A, B, kernel_size, stride, padding, dilation
     if out.numel() == 0:
         return out
     P = Ho * Wo
-    BLOCK_P = 64 if P < 1024 else 128
-    grid = (n * Bt, triton.cdiv(P, BLOCK_P))
-    _lowrank_conv2d_kernel[grid](
-        x, base, A, B, out, Bt, C, H, W, Ho, Wo, C_out,
+    BLOCK_P, RP = (64 if P < 1024 else 128), _pow2(R, 1)
+    BO = min(_pow2(C_out, 1), max(1, 8192 // (BLOCK_P * RP)))  # the mix's (BLOCK_P, BO, RP) product: <= 64 a thread
+    blocks = triton.cdiv(P, BLOCK_P)
+    _lowrank_conv2d_kernel[(n * Bt * blocks,)](  # one flat grid axis (2^31 programs; the others stop at 65535)
+        x, base, A, B, out, Bt, C, H, W, Ho, Wo, C_out, blocks,
         *x.stride(), *base.stride(),
-        R=R, RP=_pow2(R, 1), KH=KH, KW=KW, SH=SH, SW=SW, PH=PH, PW=PW, DH=DH, DW=DW,
-        BLOCK_P=BLOCK_P, BO=min(_pow2(C_out, 1), 32), num_warps=4,
+        R=R, RP=RP, KH=KH, KW=KW, SH=SH, SW=SW, PH=PH, PW=PW, DH=DH, DW=DW,
+        BLOCK_P=BLOCK_P, BO=BO, num_warps=4,
     )
     return out
 
@@ -67,17 +71,18 @@ if triton is not None:
 
     @triton.jit
     def _lowrank_conv2d_kernel(
-        x_ptr, base_ptr, a_ptr, b_ptr, out_ptr, Bt, C, H, W, Ho, Wo, C_out,
+        x_ptr, base_ptr, a_ptr, b_ptr, out_ptr, Bt, C, H, W, Ho, Wo, C_out, blocks,
         sxn, sxb, sxc, sxh, sxw, sbn, sbb, sbc, sbh, sbw,
         R: tl.constexpr, RP: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr,
         SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
         BLOCK_P: tl.constexpr, BO: tl.constexpr,
     ):
         """One program: ``BLOCK_P`` output pixels of one image of one member, every output channel."""
-        nb = tl.program_id(0)
+        pid = tl.program_id(0)
+        nb = pid // blocks
         n = nb // Bt
         b = nb % Bt
-        p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+        p = (pid % blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
         p_ok = p < Ho * Wo
         oh = p // Wo
         ow = p % Wo

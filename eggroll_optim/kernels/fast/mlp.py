@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...noise import PairedNoise, Pairs
+from ..checks import needs_autograd
 from ..cpu_mlp import perturbed_mlp_cpu, perturbed_mlp_cpu_members
 from ..mlp import ACTIVATIONS, mlp_layer, perturbed_mlp_reference
 from ._triton import activate as _activate
@@ -393,7 +394,8 @@ def perturbed_mlp(x, layer1, layer2, activation="tanh", shared=True, bias_noise=
         raise ValueError(f"Unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
     layer1, layer2 = mlp_layer(layer1), mlp_layer(layer2)
     _check_bias_noise(bias_noise, layer1, layer2)
-    fused = x.dim() == (2 if shared else 3) and fused_mlp_available(x, layer1[0].shape[0])
+    fused = (x.dim() == (2 if shared else 3) and fused_mlp_available(x, layer1[0].shape[0])
+             and not needs_autograd(x, *layer1[:2], *layer2[:2]))  # the kernels' outputs are outside autograd
     rows = fused and not shared and x.shape[1] == 1  # one row per member (RL): members become tile rows
     if fused and not rows:
         return _fused(x, layer1, layer2, activation, shared, bias_noise)

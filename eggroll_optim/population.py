@@ -255,8 +255,8 @@ class Population:
         probe = key is not None and not self.planner.knows(key) and stop - start > PROBE_MEMBERS
         todo = [(start, start + PROBE_MEMBERS)] if probe else self._pieces(start, stop, key)
         outputs, stats, halved = [], RunningStats(self.plan.updating_norms()), False
-        if probe and self.noise.entries[0][0].is_cuda and not _capturing():  # compile and tune outside the measurement
-            self._run_piece(*todo[0], inner, root, args, kwargs, None)
+        if probe and self.noise.entries[0][0].is_cuda and not _capturing():
+            self._unmeasured(todo[0], inner, root, args, kwargs)
             stats.discard()
         while todo:
             piece, failed, measure = todo.pop(0), False, probe and not outputs
@@ -274,6 +274,16 @@ class Population:
                 todo = self._pieces(piece[1], stop, key)
         stats.finish()
         return outputs[0] if len(outputs) == 1 else concat(outputs)
+
+    def _unmeasured(self, piece: tuple[int, int], inner, root, args, kwargs) -> None:
+        """The probe's first run, on CUDA: it compiles and autotunes what the probe runs, outside the
+        measurement (``memory.py``). The random state is put back (dropout draws as in one run); an
+        out-of-memory error is left to the measured run, which halves the piece."""
+        with torch.random.fork_rng(devices=[self.noise.entries[0][0].device]):
+            try:
+                self._run_piece(*piece, inner, root, args, kwargs, None)
+            except torch.OutOfMemoryError:
+                pass
 
     def _halved(self, piece: tuple[int, int], stop: int, key) -> list[tuple[int, int]]:
         size = (piece[1] - piece[0]) // 4 * 2

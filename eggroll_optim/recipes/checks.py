@@ -58,6 +58,8 @@ def check_config(cfg) -> None:
         value = getattr(cfg, f.name)
         if f.name in RULES and value is not None and not RULES[f.name][0](value):
             raise InputError(f"--{f.name.replace('_', '-')} {_show(value)}: expected {RULES[f.name][1]}")
+    if getattr(cfg, "model", None) == "cnn" and getattr(cfg, "hidden", None) is not None:
+        raise InputError(f"--hidden {cfg.hidden}: the width of mnist_mlp's hidden layer; mnist_cnn has none")
 
 
 def _show(value) -> str:

@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from ..losses import per_member_cross_entropy
 from . import launch
+from .checks import check_config
 from .data import load_mnist_2d, load_mnist_flat
 from .errors import InputError
 from .runner import RunConfig, Task, make_optimizer, step_function, train
@@ -111,8 +112,7 @@ class MnistTask(Task):
     def __init__(self, cfg: MnistConfig):
         if cfg.model not in _ACTIVATION:
             raise ValueError(f"Invalid model: {cfg.model!r} (expected 'mlp' or 'cnn')")
-        if cfg.model == "cnn" and cfg.hidden is not None:
-            raise InputError(f"--hidden {cfg.hidden}: the width of mnist_mlp's hidden layer; mnist_cnn has none")
+        check_config(cfg)  # the CLI has checked it; a config built in code is checked here
         self.name, self.cfg, self.device = f"mnist_{cfg.model}", cfg, torch.device(cfg.device)
         load = load_mnist_flat if cfg.model == "mlp" else load_mnist_2d
         self.train_x, self.train_y, self.test_x, self.test_y = load(data_root=cfg.data_dir, device=self.device)

@@ -140,6 +140,32 @@ def test_all_runs_every_experiment_into_its_own_folder(tmp_path, monkeypatch):
     assert calls == [("mnist_mlp", Path("runs") / "mnist_mlp", 10000)]  # the tuned default (recipes.mnist.MLP)
 
 
+def test_an_experiments_tf32_ends_with_it_under_all(tmp_path, monkeypatch):
+    """MNIST turns torch's TF32 flag on (process-wide): the next experiment of ``--experiment all`` starts with
+    the flag as the user left it, and ``--hidden`` (mnist_mlp's) with the CNN in the suite fails before any run."""
+    from eggroll_optim.recipes import __main__ as cli
+
+    seen = []
+    for name, (cls, defaults, quick, _) in list(cli.EXPERIMENTS.items()):
+        def run(cfg, out, checkpoint, progress, name=name):
+            seen.append((name, torch.backends.cuda.matmul.allow_tf32))
+            torch.backends.cuda.matmul.allow_tf32 = True  # what make_optimizer does for a CUDA MNIST config
+            return {"experiment": name, "status": "completed"}
+        monkeypatch.setitem(cli.EXPERIMENTS, name, (cls, defaults, quick, run))
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        assert cli.main(["--experiment", "all", "--quick", "--device", "cpu", "--out", str(tmp_path / "a")]) == 0
+        assert seen == [(n, False) for n in ("cartpole", "mnist_mlp", "mnist_cnn", "hyperscale")]
+        assert torch.backends.cuda.matmul.allow_tf32 is False
+        seen.clear()
+        assert cli.main(["--experiment", "all", "--quick", "--hidden", "64", "--device", "cpu",
+                         "--out", str(tmp_path / "b")]) == 2
+        assert seen == [] and not (tmp_path / "b").exists()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
 def test_flags_an_experiment_cannot_use_are_reported(tmp_path, monkeypatch):
     from eggroll_optim.recipes import __main__ as cli
 

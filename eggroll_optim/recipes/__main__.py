@@ -179,11 +179,7 @@ def run_plan(plan: Plan, args: argparse.Namespace) -> dict:
         print(f"hyperscale: a benchmark has no checkpoint; keeping the result in {plan.out} (--fresh measures again)")
         return {"experiment": "hyperscale", "status": "kept"}
     print(f"{plan.name}: {asdict(plan.cfg)} -> {plan.out}")
-    tf32 = torch.backends.cuda.matmul.allow_tf32  # an experiment's --tf32 ends with it (--experiment all)
-    try:
-        return EXPERIMENTS[plan.name][3](plan.cfg, plan.out, plan.checkpoint, progress=not args.no_progress)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return EXPERIMENTS[plan.name][3](plan.cfg, plan.out, plan.checkpoint, progress=not args.no_progress)
 
 
 def _warn_unused(name: str, args: argparse.Namespace) -> None:

@@ -39,7 +39,7 @@ from .outputs import (BOOKKEEPING, METRICS, MetricsLog, environment, flush, peak
                       write_summary)
 from .stopping import Interrupted, stop_requests
 
-__all__ = ["CHECKPOINT", "Interrupted", "RunConfig", "Task", "make_optimizer", "step_function", "train"]
+__all__ = ["CHECKPOINT", "Interrupted", "RunConfig", "Task", "make_optimizer", "step_function", "tf32_scope", "train"]
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -66,7 +66,7 @@ class RunConfig:
     checkpoint_every: int = 25
     checkpoint_seconds: float = 60.0  # also save after a step that ends this long after the last save
     cuda_graph: bool = True  # on CUDA, one process: each ES step replayed from a CUDA graph (compile_step)
-    tf32: bool = False  # on CUDA: float32 matmuls in TF32 (the fused MLP's register-resident kernels need it)
+    tf32: bool = False  # on CUDA: float32 matmuls in TF32 during train() (the fused MLP's fastest kernels need it)
 
 
 ADAMW_DECAY = 0.05  # --optimizer adamw without --weight-decay (MNIST MLP: benchmarks/RESULTS.md, section 7)
@@ -144,8 +144,6 @@ def make_optimizer(model: torch.nn.Module, cfg: RunConfig):
     decay = cfg.weight_decay if cfg.weight_decay is not None else ADAMW_DECAY if cfg.optimizer == "adamw" else 0.0
     # plain SGD without decay is the default inner update (the seed's); any other: a factory of groups
     factory = None if (cfg.optimizer, decay) == ("sgd", 0.0) else partial(inner[cfg.optimizer], weight_decay=decay)
-    if cfg.tf32 and torch.device(cfg.device).type == "cuda":  # torch's own flag: the kernels read it
-        torch.backends.cuda.matmul.allow_tf32 = True
     opt = EggrollOptimizer(
         model, lr=cfg.lr, sigma=cfg.sigma, rank=cfg.rank, population_size=cfg.population_size,
         seed=cfg.seed, optimizer=factory, sigma_decay=cfg.sigma_decay, chunk_size=cfg.chunk_size,
@@ -247,11 +245,31 @@ class _Run:
         self.saved_at = time.perf_counter()
 
 
+@contextmanager
+def tf32_scope(cfg: RunConfig):
+    """``cfg.tf32`` on CUDA: torch's TF32 flag for float32 matmuls (``torch.backends.cuda.matmul.allow_tf32``,
+    which the kernels read too) on inside the block, and as it was after it: the flag is process-wide, and
+    the next run of the process (``--experiment all``, a notebook) starts from the user's setting."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    if cfg.tf32 and torch.device(cfg.device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
 def train(task: Task, cfg: RunConfig, out: Path, checkpoint: dict | None = None, progress: bool = True) -> dict:
-    """Run ``task`` to ``cfg.max_epochs`` steps (or until solved) into ``out``; returns the summary.
+    """Run ``task`` to ``cfg.max_epochs`` steps (or until solved) into ``out``, under ``tf32_scope(cfg)``;
+    returns the summary.
 
     Raises :class:`Interrupted` (after saving) when SIGINT or SIGTERM arrives.
     """
+    with tf32_scope(cfg):
+        return _train(task, cfg, out, checkpoint, progress)
+
+
+def _train(task: Task, cfg: RunConfig, out: Path, checkpoint: dict | None, progress: bool) -> dict:
     out = Path(out)
     start, elapsed, status = _restore(task, checkpoint) if checkpoint else (0, 0.0, "running")
     out.mkdir(parents=True, exist_ok=True)

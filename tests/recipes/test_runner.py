@@ -140,30 +140,16 @@ def test_all_runs_every_experiment_into_its_own_folder(tmp_path, monkeypatch):
     assert calls == [("mnist_mlp", Path("runs") / "mnist_mlp", 10000)]  # the tuned default (recipes.mnist.MLP)
 
 
-def test_an_experiments_tf32_ends_with_it_under_all(tmp_path, monkeypatch):
-    """MNIST turns torch's TF32 flag on (process-wide): the next experiment of ``--experiment all`` starts with
-    the flag as the user left it, and ``--hidden`` (mnist_mlp's) with the CNN in the suite fails before any run."""
+def test_hidden_with_the_cnn_in_the_suite_fails_before_any_run(tmp_path, monkeypatch):
+    """``--hidden`` is mnist_mlp's (and cartpole's) width: ``--experiment all`` with it stops before any run."""
     from eggroll_optim.recipes import __main__ as cli
 
-    seen = []
+    calls = []
     for name, (cls, defaults, quick, _) in list(cli.EXPERIMENTS.items()):
-        def run(cfg, out, checkpoint, progress, name=name):
-            seen.append((name, torch.backends.cuda.matmul.allow_tf32))
-            torch.backends.cuda.matmul.allow_tf32 = True  # what make_optimizer does for a CUDA MNIST config
-            return {"experiment": name, "status": "completed"}
-        monkeypatch.setitem(cli.EXPERIMENTS, name, (cls, defaults, quick, run))
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        assert cli.main(["--experiment", "all", "--quick", "--device", "cpu", "--out", str(tmp_path / "a")]) == 0
-        assert seen == [(n, False) for n in ("cartpole", "mnist_mlp", "mnist_cnn", "hyperscale")]
-        assert torch.backends.cuda.matmul.allow_tf32 is False
-        seen.clear()
-        assert cli.main(["--experiment", "all", "--quick", "--hidden", "64", "--device", "cpu",
-                         "--out", str(tmp_path / "b")]) == 2
-        assert seen == [] and not (tmp_path / "b").exists()
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
+        monkeypatch.setitem(cli.EXPERIMENTS, name, (cls, defaults, quick, _record(calls, name)))
+    assert cli.main(["--experiment", "all", "--quick", "--hidden", "64", "--device", "cpu",
+                     "--out", str(tmp_path / "b")]) == 2
+    assert calls == [] and not (tmp_path / "b").exists()
 
 
 def test_flags_an_experiment_cannot_use_are_reported(tmp_path, monkeypatch):
@@ -185,11 +171,11 @@ def test_cli_returns_the_status_of_main_and_freezes_the_heap_for_the_exit(monkey
     assert cli_module.cli() == 3 and frozen == [True]
 
 
-def test_tf32_flag_reaches_the_config_and_sets_torch_only_on_cuda():
-    """``--tf32``: a config field (saved with the run); ``make_optimizer`` turns torch's TF32 flag on for a CUDA
-    device only (a CPU run leaves it as it was)."""
+def test_tf32_flag_reaches_the_config_and_is_scoped_to_a_cuda_run(tmp_path, monkeypatch):
+    """``--tf32``: a config field (saved with the run). ``tf32_scope`` turns torch's process-wide flag on for a
+    CUDA config only, and puts it back afterwards, also when the run raises; ``train`` runs inside it."""
     from eggroll_optim.recipes import __main__ as cli
-    from eggroll_optim.recipes.runner import make_optimizer
+    from eggroll_optim.recipes import runner
 
     cfg = cli.make_config("cartpole", cli.build_parser().parse_args(["--tf32", "--device", "cpu"]))
     assert cfg.tf32 is True
@@ -197,14 +183,26 @@ def test_tf32_flag_reaches_the_config_and_sets_torch_only_on_cuda():
     previous = torch.backends.cuda.matmul.allow_tf32  # torch's flag is a property, not an attribute
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        make_optimizer(torch.nn.Linear(3, 2), cfg)
+        with runner.tf32_scope(cfg):
+            assert torch.backends.cuda.matmul.allow_tf32 is False  # a CPU run leaves it
+        with runner.tf32_scope(replace(cfg, device="cuda")):
+            assert torch.backends.cuda.matmul.allow_tf32 is True
+        assert torch.backends.cuda.matmul.allow_tf32 is False  # as the user left it
+        with pytest.raises(RuntimeError), runner.tf32_scope(replace(cfg, device="cuda")):
+            raise RuntimeError("a failed run")
         assert torch.backends.cuda.matmul.allow_tf32 is False
-        make_optimizer(torch.nn.Linear(3, 2), replace(cfg, device="cuda"))  # (the module itself may stay put)
-        assert torch.backends.cuda.matmul.allow_tf32 is True
-        make_optimizer(torch.nn.Linear(3, 2), replace(cfg, device="cuda", tf32=False))
-        assert torch.backends.cuda.matmul.allow_tf32 is True  # off by default: torch's flag as the user left it
+        torch.backends.cuda.matmul.allow_tf32 = True
+        with runner.tf32_scope(replace(cfg, device="cuda", tf32=False)):
+            assert torch.backends.cuda.matmul.allow_tf32 is True  # off by default: torch's flag as the user set it
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
+
+    scoped = []
+    real = runner.tf32_scope
+    monkeypatch.setattr(runner, "tf32_scope", lambda c: scoped.append(c) or real(c))
+    assert cli.main(["--experiment", "cartpole", "--quick", "--max-epochs", "1", "--device", "cpu",
+                     "--no-progress", "--out", str(tmp_path / "run")]) == 0
+    assert [c.max_epochs for c in scoped] == [1]  # the run's config
 
 
 def _mnist_config(name: str, *flags: str):

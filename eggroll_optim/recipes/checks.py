@@ -53,13 +53,14 @@ RULES = {
 
 
 def check_config(cfg) -> None:
-    """Raise :class:`InputError` for the first field of ``cfg`` outside its range."""
+    """Raise :class:`InputError` for the first field of ``cfg`` outside its range, then for fields that do
+    not go together (the config's own ``check()``, where it has one)."""
     for f in fields(cfg):
         value = getattr(cfg, f.name)
         if f.name in RULES and value is not None and not RULES[f.name][0](value):
             raise InputError(f"--{f.name.replace('_', '-')} {_show(value)}: expected {RULES[f.name][1]}")
-    if getattr(cfg, "model", None) == "cnn" and getattr(cfg, "hidden", None) is not None:
-        raise InputError(f"--hidden {cfg.hidden}: the width of mnist_mlp's hidden layer; mnist_cnn has none")
+    if hasattr(cfg, "check"):  # what one experiment's fields require of each other
+        cfg.check()
 
 
 def _show(value) -> str:

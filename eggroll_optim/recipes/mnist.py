@@ -48,6 +48,15 @@ class MnistConfig(RunConfig):
     checkpoint_every: int = 25
     tf32: bool = True  # on CUDA (--no-tf32: IEEE float32 matmuls, torch's default)
 
+    def check(self) -> None:
+        """Fields that do not go together (``checks.check_config`` calls it)."""
+        if self.model == "cnn" and self.hidden is not None:
+            raise InputError(f"--hidden {self.hidden}: the width of mnist_mlp's hidden layer; mnist_cnn has none")
+
+    @property
+    def mlp_hidden(self) -> int:
+        return MLP_HIDDEN if self.hidden is None else self.hidden
+
 
 # Defaults: the best configurations measured on one H200 (benchmarks/RESULTS.md, section 7, runs AU to AX).
 # MLP: AdamW's weight decay (ADAMW_DECAY), without which every configuration fit its batches (train loss
@@ -66,10 +75,12 @@ QUICK = {  # tiny CPU configurations for smoke tests: Adam, a 10k/5k training su
                 lr=0.02, sigma=0.05, lr_decay=1.0, sigma_decay=1.0, eval_every=10, checkpoint_every=10,
                 chunk_size=32),  # two chunks: the chunked path runs in the smoke test too
 }
-_ACTIVATION = {"mlp": 256, "cnn": 16 * 28 * 28}  # largest activation per member and sample
+MLP_HIDDEN = 256  # the MLP's hidden units unless --hidden says otherwise
+_MODELS = ("mlp", "cnn")
+_CNN_ACTIVATION = 16 * 28 * 28  # the CNN's largest activation per member and sample
 
 
-def make_mlp(hidden: int = 256) -> nn.Sequential:
+def make_mlp(hidden: int = MLP_HIDDEN) -> nn.Sequential:
     model = nn.Sequential(nn.Linear(784, hidden), nn.Tanh(), nn.Linear(hidden, 10))
     for layer in (model[0], model[2]):
         nn.init.normal_(layer.weight, std=0.1)
@@ -110,7 +121,7 @@ class MnistTask(Task):
     labels = {"metric": "train loss (cross-entropy, nats)", "test_acc": "test accuracy (%)"}
 
     def __init__(self, cfg: MnistConfig):
-        if cfg.model not in _ACTIVATION:
+        if cfg.model not in _MODELS:
             raise ValueError(f"Invalid model: {cfg.model!r} (expected 'mlp' or 'cnn')")
         check_config(cfg)  # the CLI has checked it; a config built in code is checked here
         self.name, self.cfg, self.device = f"mnist_{cfg.model}", cfg, torch.device(cfg.device)
@@ -123,10 +134,10 @@ class MnistTask(Task):
         # on CPU resolved here, so the summary and checkpoint show it; on CUDA None: the optimizer's planner
         # sizes the pieces from measured memory (the fused MLP keeps its hidden layer on chip)
         if cfg.chunk_size is None and self.device.type != "cuda":
-            per_member = cfg.batch_size * (cfg.hidden or _ACTIVATION["mlp"] if cfg.model == "mlp" else _ACTIVATION["cnn"])
+            per_member = cfg.batch_size * (cfg.mlp_hidden if cfg.model == "mlp" else _CNN_ACTIVATION)
             cfg = self.cfg = replace(cfg, chunk_size=auto_chunk_size(cfg.population_size, per_member, self.device))
         torch.manual_seed(cfg.seed)
-        self.model = (make_mlp(cfg.hidden or 256) if cfg.model == "mlp" else make_cnn()).to(self.device)
+        self.model = (make_mlp(cfg.mlp_hidden) if cfg.model == "mlp" else make_cnn()).to(self.device)
         self.optimizer, self.scheduler = make_optimizer(self.model, cfg)
         self.step = step_function(self.optimizer, lambda x, y: per_member_cross_entropy(self.model(x), y), cfg)
 

@@ -43,6 +43,12 @@ def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+def _warm_before_measuring(device: torch.device) -> bool:
+    """The probe runs once unmeasured first: on CUDA, whose measurement (the allocator's peak) would count a
+    first call's compile and autotune scratch; not inside a capture. (CPU counts the probe's tensors.)"""
+    return device.type == "cuda" and not _capturing()
+
+
 class PopulationNoise:
     """Keys and scales of every evolved parameter for one step.
 
@@ -178,6 +184,11 @@ class Population:
         return self.local[1] - self.local[0]
 
     @property
+    def device(self) -> torch.device:
+        """Where the members run (the first evolved parameter's device)."""
+        return self.noise.entries[0][0].device
+
+    @property
     def chunked(self) -> bool:
         return self.chunk_size < self.local_size
 
@@ -255,7 +266,7 @@ class Population:
         probe = key is not None and not self.planner.knows(key) and stop - start > PROBE_MEMBERS
         todo = [(start, start + PROBE_MEMBERS)] if probe else self._pieces(start, stop, key)
         outputs, stats, halved = [], RunningStats(self.plan.updating_norms()), False
-        if probe and self.noise.entries[0][0].is_cuda and not _capturing():
+        if probe and _warm_before_measuring(self.device):
             self._unmeasured(todo[0], inner, root, args, kwargs)
             stats.discard()
         while todo:
@@ -279,7 +290,7 @@ class Population:
         """The probe's first run, on CUDA: it compiles and autotunes what the probe runs, outside the
         measurement (``memory.py``). The random state is put back (dropout draws as in one run); an
         out-of-memory error is left to the measured run, which halves the piece."""
-        with torch.random.fork_rng(devices=[self.noise.entries[0][0].device]):
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             try:
                 self._run_piece(*piece, inner, root, args, kwargs, None)
             except torch.OutOfMemoryError:
@@ -315,11 +326,10 @@ class Population:
         chunk = self._chunk_for(start, stop)
         if probe_key is None:
             return run_members(self.switch, self.plan, root, chunk, inner, args, kwargs)
-        device = self.noise.entries[0][0].device
-        with measured(device) as m:
+        with measured(self.device) as m:
             out = run_members(self.switch, self.plan, root, chunk, inner, args, kwargs)
         total = self._active[1] - self._active[0]
-        self.planner.record(probe_key, device, chunk.size, m.bytes, chunk.nbytes, tensor_bytes(out), total)
+        self.planner.record(probe_key, self.device, chunk.size, m.bytes, chunk.nbytes, tensor_bytes(out), total)
         return out
 
     def member_state_dict(self, i: int, module=None) -> dict:

@@ -194,8 +194,7 @@ def test_cuda_probe_is_measured_on_its_second_run_not_the_first_calls_scratch():
     assert bn_scratch.num_batches_tracked.item() == bn_whole.num_batches_tracked.item() == 1
 
 
-@pytest.mark.cuda
-def test_cuda_probes_first_run_keeps_the_random_state_and_leaves_out_of_memory_to_the_measured_run():
+def _probe_twice(device: str, rng_state) -> None:
     """The unmeasured run puts the random state back (the measured run draws what one run would), and an
     out-of-memory error in it is not the user's: the measured run goes on (halving its piece if it fails too)."""
 
@@ -205,17 +204,45 @@ def test_cuda_probes_first_run_keeps_the_random_state_and_leaves_out_of_memory_t
             self.lin, self.drop, self.fail_first, self.states = nn.Linear(64, 8), nn.Dropout(0.5), fail_first, []
 
         def forward(self, x):
-            self.states.append(torch.cuda.get_rng_state())
+            self.states.append(rng_state())
             if self.fail_first and len(self.states) == 1:
                 raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
             return self.drop(self.lin(x))
 
     for fail_first in (False, True):
-        model = Recorded(fail_first).cuda().train()
+        model = Recorded(fail_first).to(device).train()
         opt = EggrollOptimizer(model, population_size=64, rank=2, max_memory=2**30)
         with torch.no_grad(), opt.ask():
-            out = model(torch.randn(32, 64, device="cuda"))
+            out = model(torch.randn(32, 64, device=device))
         assert out.shape == (64, 32, 8) and torch.isfinite(out).all()
         assert len(model.states) == 3  # the probe twice, then the other 48 members in one piece
         assert torch.equal(model.states[0], model.states[1])  # the first run's draws were put back
         assert not torch.equal(model.states[1], model.states[2])
+
+
+def test_probes_first_run_keeps_the_random_state_and_leaves_out_of_memory_to_the_measured_run(monkeypatch):
+    """The CUDA-only first run, forced on CPU (where the measurement needs none): the same contract."""
+    import eggroll_optim.population as population
+
+    monkeypatch.setattr(population, "_warm_before_measuring", lambda device: True)
+    _probe_twice("cpu", torch.get_rng_state)
+
+
+def test_the_probe_runs_once_on_cpu():
+    class Counted(nn.Linear):
+        calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            return super().forward(x)
+
+    model = Counted(64, 8)
+    opt = EggrollOptimizer(model, population_size=64, rank=2, max_memory=2**30)
+    with torch.no_grad(), opt.ask():
+        model(torch.randn(32, 64))
+    assert model.calls == 2  # the probe, measured by counting its tensors, then the rest
+
+
+@pytest.mark.cuda
+def test_cuda_probes_first_run_keeps_the_random_state_and_leaves_out_of_memory_to_the_measured_run():
+    _probe_twice("cuda", torch.cuda.get_rng_state)

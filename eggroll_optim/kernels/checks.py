@@ -29,9 +29,6 @@ def check_factors(
 
 
 def needs_autograd(*tensors) -> bool:
-    """Grad mode is on and a tensor requires grad: a kernel writing its own output (which autograd does not
-    see) would cut the graph, so the torch path runs instead. Tuples of tensors are searched too."""
-    if not torch.is_grad_enabled():
-        return False
-    flat = [u for t in tensors for u in (t if isinstance(t, (tuple, list)) else (t,))]
-    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in flat)
+    """Grad mode is on and a tensor requires grad (``None`` entries are skipped): a kernel writing its own
+    output (which autograd does not see) would cut the graph, so the torch path runs instead."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

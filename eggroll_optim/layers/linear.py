@@ -90,8 +90,8 @@ def _fused_conv2d(call, module, x: torch.Tensor, out: torch.Tensor, padding) -> 
     base, _ = physical(out, call.level)  # per member where the input is
     if not per_member or not lowrank_conv2d_fits(xs, module.weight, module.groups, padding, A.shape[-1], base, A, B):
         return None
-    delta = lowrank_conv2d_members(xs, base, A, B, module.kernel_size, module.stride, padding, module.dilation)
-    return logical(delta, call.level)
+    summed = lowrank_conv2d_members(xs, base, A, B, module.kernel_size, module.stride, padding, module.dilation)
+    return logical(summed, call.level)
 
 
 def conv_transpose_forward(call, module, x: torch.Tensor, output_size=None) -> torch.Tensor:

@@ -8,6 +8,8 @@ A step = noise, forward of every member, fitness = -cross-entropy, gradient, upd
   optimizer        EggrollOptimizer.step(closure) with per_member_cross_entropy (also evolves biases)
   optimizer_graph  (CUDA) the same step through EggrollOptimizer.compile_step: one CUDA graph replay a step
                    (its equality with the eager step is tests/test_capture.py's; no float64 check here)
+  optimizer_graph_weights  (CUDA) optimizer_graph with evolve_biases=False: the functional variants' work
+                   (noise and updates for the two weight matrices only)
   naive            plain torch: x.expand(N, B, 784).contiguous(), x_i W^T per member (no shared base),
                    bmm low-rank terms, z-score, einsum gradient, update
   inference        plain inference of the same N*B samples, one (N*B, 784) batch, unperturbed MLP
@@ -117,10 +119,10 @@ class GraphedFunctional(Functional):
 
 
 class Optim:
-    def __init__(self, model, N, r, sigma, lr, device, seed, chunk_size=None):
+    def __init__(self, model, N, r, sigma, lr, device, seed, chunk_size=None, evolve_biases=True):
         self.model = copy.deepcopy(model).to(device)
         self.opt = EggrollOptimizer(self.model, lr=lr, sigma=sigma, rank=r, population_size=N, seed=seed,
-                                    chunk_size=chunk_size)
+                                    chunk_size=chunk_size, evolve_biases=evolve_biases)
         self.N = N
 
     def step(self, x, y):
@@ -191,9 +193,10 @@ class Inference:
 
 
 VARIANTS = {"functional_fx": Functional, "functional_hand": lambda *a: Functional(*a, hand=True),
-            "functional_graph": GraphedFunctional, "optimizer": Optim, "optimizer_graph": OptimGraph, "naive": Naive}
-CUDA_ONLY = {"functional_graph", "optimizer_graph"}
-UNCHECKED = {"optimizer_graph"}
+            "functional_graph": GraphedFunctional, "optimizer": Optim, "optimizer_graph": OptimGraph,
+            "optimizer_graph_weights": lambda *a: OptimGraph(*a, evolve_biases=False), "naive": Naive}
+CUDA_ONLY = {"functional_graph", "optimizer_graph", "optimizer_graph_weights"}
+UNCHECKED = {"optimizer_graph", "optimizer_graph_weights"}
 
 
 def reference(before, noise, x, y, fitness, lr):
@@ -295,8 +298,8 @@ def main(argv=None):
     es_floor = common.floor(es_flops(N, B, r), 4 * 2 * (IN * HID + HID * OUT) + 4 * B * IN, ceil, "tf32")
     inf_floor = common.floor(*inference_work(N, B), ceil, "tf32")
     times, mem = {}, {}
-    order = ["inference", "functional_fx", "functional_hand", "functional_graph", "optimizer", "optimizer_graph", "naive",
-             "inference"]
+    order = ["inference", "functional_fx", "functional_hand", "functional_graph", "optimizer", "optimizer_graph",
+             "optimizer_graph_weights", "naive", "inference"]
     order = [n for n in order if n not in CUDA_ONLY or common.is_cuda(dev)]
     for name in order:
         if name in failures:

@@ -1,6 +1,8 @@
-"""The fused low-rank conv (``kernels.fast.conv``) against a float64 dense reference, alone and inside a
-population (``layers.linear.conv_forward`` with per-member inputs), where ``fused=False`` runs the conv
-under vmap instead. On CPU the kernel runs under Triton's interpreter (a subprocess); on CUDA compiled."""
+"""The conv kernels (``kernels.fast.conv``) against a float64 dense reference, alone and inside a population,
+where ``fused=False`` runs the conv under vmap instead: the dense per-member kernel (``conv2d_members``: a
+conv on a per-member input, and ``Conv2d → ReLU → MaxPool2d(2)`` windows of a Sequential on any input) and
+the low-rank kernel (``lowrank_conv2d_members``: a per-member input whose dense kernels would not fit). On
+CPU the kernels run under Triton's interpreter (a subprocess); on CUDA compiled."""
 
 import pytest
 import torch
@@ -68,15 +70,79 @@ with torch.no_grad():
 """)
 
 
+# (per_member, relu, pool, bias, n, Bt, C, H, W, C_out, r, kernel, stride, padding, dilation): shared and
+# per-member inputs, each epilogue, shared and per-member biases, an odd pooled size (floor), C_out over one
+# block (BO = 64), a reduction over several blocks (C k_h k_w = 40 > BK)
+DENSE_CASES = [
+    (False, True, True, None, 3, 2, 1, 9, 7, 16, 4, (3, 3), 1, 1, 1),  # the MNIST CNN's first window
+    (True, True, True, "member", 2, 3, 5, 8, 9, 6, 2, (3, 3), 1, 1, 1),
+    (True, False, False, "shared", 2, 2, 10, 7, 6, 70, 3, (2, 2), (2, 1), (1, 0), 1),
+    (False, True, False, "member", 2, 1, 3, 11, 10, 5, 1, (3, 3), 2, 2, 2),
+    (True, False, True, None, 3, 1, 4, 7, 7, 3, 4, (1, 3), 1, (0, 1), 1),
+]
+
+DENSE = """
+import torch
+import torch.nn.functional as F
+from eggroll_optim.kernels.fast.conv import conv2d_members, conv2d_members_fits
+
+
+def dense_check(case, device, dtype):
+    per_member, relu, pool, bias_kind, n, Bt, C, H, W, C_out, r, k, stride, padding, dilation = case
+    g = torch.Generator().manual_seed(sum(map(hash, map(str, case))) % 2**31)
+    x = torch.randn(*((n,) if per_member else ()), Bt, C, H, W, generator=g, dtype=torch.float64)
+    weight = torch.randn(C_out, C, *k, generator=g, dtype=torch.float64) * 0.3
+    A = torch.randn(n, C_out, r, generator=g, dtype=torch.float64) * 0.2
+    B = torch.randn(n, C * k[0] * k[1], r, generator=g, dtype=torch.float64)
+    bias = {None: None, "shared": torch.randn(C_out, generator=g, dtype=torch.float64),
+            "member": torch.randn(n, C_out, generator=g, dtype=torch.float64)}[bias_kind]
+    want = []
+    for i in range(n):
+        b = None if bias is None else bias[i] if bias.dim() == 2 else bias
+        y = F.conv2d(x[i] if per_member else x, weight + (A[i] @ B[i].T).view(C_out, C, *k), b, stride=stride,
+                     padding=padding, dilation=dilation)
+        y = y.relu() if relu else y
+        want.append(F.max_pool2d(y, 2) if pool else y)
+    want = torch.stack(want)
+    on = lambda t: None if t is None else t.to(dtype).to(device)  # noqa: E731
+    xd = on(x)
+    assert conv2d_members_fits(xd, per_member, on(weight), 1, padding, on(A), on(B), on(bias))
+    out = conv2d_members(xd, per_member, on(weight), on(A), on(B), on(bias), stride, padding, dilation, relu, pool)
+    assert out.shape == want.shape and out.dtype == dtype and out.is_contiguous(), (out.shape, want.shape)
+    err = ((out.double().cpu() - want).abs().max() / want.abs().max()).item()
+    assert err < (1e-12 if dtype == torch.float64 else 1e-5), (case, dtype, err)
+"""
+
+
+def test_dense_conv2d_members_matches_the_float64_conv_interpreted():
+    run_interpreted(DENSE + f"""
+for case in {DENSE_CASES!r}:
+    dense_check(case, "cpu", torch.float64)
+dense_check({DENSE_CASES[1]!r}, "cpu", torch.float32)
+x, w, A = torch.zeros(2, 1, 3, 5, 5), torch.zeros(4, 3, 3, 3), torch.zeros(2, 4, 2)
+assert not conv2d_members_fits(x, True, w, 1, "same", A)  # string padding
+assert not conv2d_members_fits(x, False, w, 1, 1, A)  # a shared input is 4-D
+assert not conv2d_members_fits(x.half(), True, w.half(), 1, 1, A)
+assert not conv2d_members_fits(x.double(), True, w, 1, 1, A)  # not the weight's dtype
+assert not conv2d_members_fits(x, True, torch.zeros(4, 1, 3, 3), 3, 1, A)  # groups
+assert not conv2d_members_fits(x, True, w.requires_grad_(), 1, 1, A)  # autograd through the weight
+with torch.no_grad():
+    assert conv2d_members_fits(x, True, w, 1, 1, A)
+    assert conv2d_members_fits(x[0], False, w, 1, 1, A)
+""")
+
+
 POPULATION = """
 import torch
 import torch.nn as nn
 from eggroll_optim import EggrollOptimizer
+import eggroll_optim.kernels.fast.conv as kconv
 import eggroll_optim.layers.linear as linear
 
-calls = []
-kernel = linear.lowrank_conv2d_members
+calls, dense_calls = [], []
+kernel, dense_kernel = linear.lowrank_conv2d_members, linear.conv2d_members
 linear.lowrank_conv2d_members = lambda *a, **k: calls.append(1) or kernel(*a, **k)
+linear.conv2d_members = lambda *a, **k: dense_calls.append(a[-2:]) or dense_kernel(*a, **k)
 
 
 def run(fused, device, grad=False):
@@ -98,14 +164,24 @@ def run(fused, device, grad=False):
 
 
 def check(device):
-    del calls[:]
-    fused = run(None, device)
-    assert len(calls) == 2, calls  # the second and third convs: per-member inputs; the first is shared
+    del calls[:], dense_calls[:]
     plain = run(False, device)
-    assert len(calls) == 2
+    assert not calls and not dense_calls
+    fused = run(None, device)
+    # the first conv's window (shared input, ReLU and pooling), the second's (ReLU), the third alone
+    assert dense_calls == [(True, True), (True, False), (False, False)] and not calls, (dense_calls, calls)
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    kconv_limit = kconv._DENSE_MAX_BYTES
+    kconv._DENSE_MAX_BYTES = 0  # dense kernels too large: the windows run module by module, the
+    try:  # per-member convs take the low-rank kernel
+        del dense_calls[:]
+        torch.testing.assert_close(run(None, device), plain, rtol=1e-5, atol=1e-5)
+        assert not dense_calls and len(calls) == 2, (dense_calls, calls)
+    finally:
+        kconv._DENSE_MAX_BYTES = kconv_limit
+    del calls[:]
     grads, plain_grads = run(None, device, grad=True), run(False, device, grad=True)
-    assert len(calls) == 2 and all(grads[i] is not None for i in (0, 1, 3))  # the convs' weights
+    assert not calls and not dense_calls and all(grads[i] is not None for i in (0, 1, 3))  # the convs' weights
     for g, h in zip(grads, plain_grads):
         assert (g is None) == (h is None)
         if g is not None:
@@ -118,12 +194,19 @@ def test_population_conv_takes_the_kernel_and_matches_vmap_interpreted():
 
 
 @pytest.mark.cuda
-def test_lowrank_conv2d_on_cuda():
+def test_conv_kernels_on_cuda():
     namespace = {}
-    exec(CHECK, namespace)
+    exec(CHECK + DENSE, namespace)
     for case in CASES:
         namespace["check"](case, "cuda", torch.float32)
     namespace["check"](CASES[1], "cuda", torch.float64)
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # IEEE float32 products, as the reference's tolerance assumes
+    try:
+        for case in DENSE_CASES:
+            namespace["dense_check"](case, "cuda", torch.float32)
+    finally:
+        torch.backends.cudnn.allow_tf32 = previous
     previous = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False  # the vmap path's convs in IEEE float32, as the kernel
     try:

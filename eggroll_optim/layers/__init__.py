@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch.nn as nn
 
-from . import attention, fused, linear, recurrent
+from . import attention, fused, linear, recurrent, sequential
 from ..kernels.fast import mlp_block_activation
 
 __all__ = ["RULES", "Rule", "rule_for"]
@@ -53,6 +53,8 @@ def _weight(module: nn.Module) -> tuple[str, ...]:
 RULES: tuple[Rule, ...] = (
     Rule((nn.Sequential,), fused.mlp_block_names, fused.mlp_block_forward,
          matches=lambda module: mlp_block_activation(module) is not None, fused=True, whole=fused.mlp_block_whole),
+    Rule((nn.Sequential,), lambda module: (), sequential.sequential_forward, matches=sequential.has_window,
+         fused=True),
     Rule((nn.Linear,), _weight, linear.linear_forward),
     Rule((nn.Conv1d, nn.Conv2d, nn.Conv3d), _weight, linear.conv_forward, linear.check_conv),
     Rule((nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), _weight,

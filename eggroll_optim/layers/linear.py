@@ -22,11 +22,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels.fast.conv import lowrank_conv2d_fits, lowrank_conv2d_members
+from torch._C import _functorch
+
+from ..kernels.fast.conv import conv2d_members, conv2d_members_fits, lowrank_conv2d_fits, lowrank_conv2d_members
 from ._vmap import logical, physical
 
 __all__ = [
-    "check_conv", "check_embedding", "conv_forward", "conv_transpose_forward", "embedding_forward",
+    "check_conv", "check_embedding", "conv_forward", "conv_transpose_forward", "dense_conv2d", "embedding_forward",
     "linear_forward", "lowrank_linear_term",
 ]
 
@@ -66,10 +68,14 @@ def conv_forward(call, module, x: torch.Tensor) -> torch.Tensor:
     spatial = module.weight.dim() - 2
     conv = _CONV[spatial]
     xp, padding = _padded(module, x)
+    factors = call.factors(module.weight)
+    if factors is not None:  # a per-member input: its own kernel per member, no base conv (kernels.fast.conv)
+        dense = dense_conv2d(call, module, xp, padding, shared=False)
+        if dense is not None:
+            return dense
     args = dict(stride=module.stride, padding=padding, dilation=module.dilation)
     out = conv(xp, module.weight, None, groups=module.groups, **args)
     out = _plus(out, _channel_bias(module.bias, spatial))
-    factors = call.factors(module.weight)
     if factors is None:
         return out
     fast = _fused_conv2d(call, module, xp, out, padding)
@@ -78,6 +84,29 @@ def conv_forward(call, module, x: torch.Tensor) -> torch.Tensor:
     A, B = factors  # (C_out, r), (C_in/g * prod k, r)
     z = conv(xp, _group_filters(B.to(x.dtype), module), None, groups=module.groups, **args)  # (Bt, g r, *S_out)
     return out + _channel_mix(z, A.to(x.dtype), module.groups, spatial)  # output o of group j: z[j r : j r + r]
+
+
+def dense_conv2d(call, module: nn.Conv2d, x: torch.Tensor, padding=None, relu: bool = False, pool: bool = False,
+                 shared: bool = True) -> torch.Tensor | None:
+    """The chunk's ``conv(x_i, W + A_i B_iᵀ) + b_i``, then ``relu`` and a 2×2 max-pool if asked, by
+    ``kernels.fast.conv.conv2d_members`` outside vmap (``padding``: the conv's, after ``_padded``). ``None``
+    where it does not apply: ``fused=False``, a layer without factors, an input that is not a batch of
+    images, one shared by the members where ``shared`` is false, or outside the kernel's case."""
+    if call.fused is False or module.weight.dim() != 4 or x.dim() != 4:
+        return None
+    factors = call.chunk_factors(module.weight)
+    xs, per_member = physical(x, call.level)
+    bias = None if module.bias is None else physical(module.bias, call.level)[0]
+    if factors is None or not (per_member or shared) or any(
+            t is not None and _functorch.is_batchedtensor(t) for t in (xs, bias)):
+        return None  # (still batched: the member dim of an outer vmap)
+    A, B = factors
+    padding = module.padding if padding is None else padding
+    if not conv2d_members_fits(xs, per_member, module.weight, module.groups, padding, A, B, bias):
+        return None
+    out = conv2d_members(xs, per_member, module.weight, A, B, bias, module.stride, padding, module.dilation,
+                         relu, pool)
+    return logical(out, call.level)
 
 
 def _fused_conv2d(call, module, x: torch.Tensor, out: torch.Tensor, padding) -> torch.Tensor | None:

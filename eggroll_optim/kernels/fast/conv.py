@@ -15,11 +15,12 @@ from __future__ import annotations
 import torch
 
 from ..checks import needs_autograd
+from ._triton import autotune as _autotune
 from ._triton import interpreted as _interpreted
 from ._triton import pow2 as _pow2
 from ._triton import tl, triton
 
-__all__ = ["lowrank_conv2d_members", "lowrank_conv2d_fits"]
+__all__ = ["conv2d_members", "conv2d_members_fits", "conv_tf32", "lowrank_conv2d_fits", "lowrank_conv2d_members", "member_kernels"]
 
 
 def lowrank_conv2d_fits(x: torch.Tensor, weight: torch.Tensor, groups: int, padding, rank: int, *others) -> bool:
@@ -112,3 +113,158 @@ if triton is not None:
             ok = p_ok[:, None] & o_ok[None, :]
             base = tl.load(base_pix[:, None] + o[None, :] * sbc, mask=ok, other=0.0)
             tl.store(out_pix[:, None] + o[None, :] * (Ho * Wo), base + delta, mask=ok)
+
+
+# ---- per-member weights, dense: the conv of a member's own kernel W + A_i B_iᵀ, with an optional epilogue ----
+
+_DENSE_MAX_BYTES = 1 << 28  # a chunk's per-member kernels beyond this: the low-rank paths instead
+
+
+def conv_tf32() -> bool:
+    """torch's TF32 setting for float32 convolutions (``torch.backends.cudnn.conv.fp32_precision``, or the
+    legacy ``torch.backends.cudnn.allow_tf32``): the dense kernel's products follow it like cuDNN's."""
+    precision = getattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision", None)
+    if precision in ("tf32", "ieee"):
+        return precision == "tf32"
+    try:
+        return bool(torch.backends.cudnn.allow_tf32)
+    except RuntimeError:  # the legacy getter refuses mixed new-API flags: IEEE is the safe reading
+        return False
+
+
+def conv2d_members_fits(x: torch.Tensor, per_member: bool, weight: torch.Tensor, groups: int, padding,
+                        A: torch.Tensor, *others) -> bool:
+    """The dense kernel's case: Triton, float32 on CUDA (float32/float64 interpreted), the weights' dtype,
+    one image batch per member (``(n, Bt, C, H, W)``) or a shared ``(Bt, C, H, W)``, a 2-D kernel without
+    groups, numeric padding, the chunk's per-member kernels within ``_DENSE_MAX_BYTES``, no autograd."""
+    n = A.shape[0]
+    return (
+        triton is not None
+        and ((x.is_cuda and x.dtype == torch.float32) or (_interpreted() and x.dtype in (torch.float32, torch.float64)))
+        and x.dtype == weight.dtype
+        and x.dim() == (5 if per_member else 4)
+        and weight.dim() == 4
+        and groups == 1
+        and not isinstance(padding, str)
+        and n * weight.numel() * x.element_size() <= _DENSE_MAX_BYTES
+        and not needs_autograd(x, weight, A, *others)
+    )
+
+
+def member_kernels(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """Every member's kernel ``W + A_i B_iᵀ`` as ``(n, k_h k_w C, C_out)``: rows in (tap, channel) order, the
+    layout ``_conv2d_members_kernel`` reads (``A (n, C_out, r)``, ``B (n, C k_h k_w, r)``)."""
+    C_out, C, KH, KW = weight.shape
+    n = A.shape[0]
+    full = torch.baddbmm(weight.reshape(1, C_out, -1), A.to(weight.dtype), B.to(weight.dtype).transpose(1, 2))
+    return full.view(n, C_out, C, KH, KW).permute(0, 3, 4, 2, 1).reshape(n, KH * KW * C, C_out).contiguous()
+
+
+def conv2d_members(x, per_member: bool, weight, A, B, bias, stride, padding, dilation, relu=False,
+                   pool=False) -> torch.Tensor:
+    """``conv(x_i, W + A_i B_iᵀ) + b_i`` for every member, then ``relu`` and a 2×2 max-pool (stride 2) if
+    asked: ``x (n, Bt, C, H, W)`` (``per_member``) or a shared ``(Bt, C, H, W)``; ``A (n, C_out, r)``,
+    ``B (n, C k_h k_w, r)``; ``bias`` ``None``, shared ``(C_out,)`` or per member ``(n, C_out)``. Returns
+    ``(n, Bt, C_out, H', W')``. One implicit GEMM per member in one launch: the member's kernel is dense
+    (it is ``C_out C k_h k_w`` numbers, built once a chunk), so a per-member input costs the base conv's
+    products alone, and the epilogue writes only the pooled map (a quarter of the conv's output)."""
+    n = A.shape[0]
+    xs = x if per_member else x.unsqueeze(0)
+    _, Bt, C, H, W = xs.shape
+    C_out, _, KH, KW = weight.shape
+    (SH, SW), (PH, PW), (DH, DW) = _pair(stride), _pair(padding), _pair(dilation)
+    Ho, Wo = (H + 2 * PH - DH * (KH - 1) - 1) // SH + 1, (W + 2 * PW - DW * (KW - 1) - 1) // SW + 1
+    Hq, Wq = (Ho // 2, Wo // 2) if pool else (Ho, Wo)
+    out = torch.empty((n, Bt, C_out, Hq, Wq), device=x.device, dtype=x.dtype)
+    if out.numel() == 0:
+        return out
+    kernels = member_kernels(weight, A, B)
+    if bias is not None:
+        bias = bias.to(x.dtype).contiguous()
+    BO = min(_pow2(C_out), 64)
+    units = Bt * Hq * Wq  # output values per channel per member (pooled pixels when pool)
+
+    def grid(meta):
+        return (n * triton.cdiv(units, meta["BQ"]) * triton.cdiv(C_out, BO),)
+
+    # interpreted (the tests): one small tile; on the GPU a short list, timed once a shape (cached on disk)
+    launch, tile = (_conv2d_members_kernel, dict(BQ=16, BK=16)) if _interpreted() else (_conv2d_members_tuned, {})
+    launch[grid](
+        xs, kernels, bias if bias is not None else kernels, out,
+        Bt, C, H, W, Wo, Hq * Wq, Wq, C_out, units,
+        0 if not per_member else xs.stride(0), *xs.stride()[1:], 0 if bias is None or bias.dim() == 1 else C_out,
+        KH=KH, KW=KW, SH=SH, SW=SW, PH=PH, PW=PW, DH=DH, DW=DW, HAS_BIAS=bias is not None, RELU=relu,
+        POOL=pool, PREC="tf32" if x.dtype == torch.float32 and conv_tf32() else "ieee", BO=BO, **tile,
+    )
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _conv2d_members_kernel(
+        x_ptr, w_ptr, bias_ptr, out_ptr, Bt, C, H, W, Wo, Q, Wq, C_out, units,
+        sxn, sxb, sxc, sxh, sxw, sbias,
+        KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr,
+        PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
+        POOL: tl.constexpr, PREC: tl.constexpr, BO: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
+    ):
+        """One program: ``BQ`` output values per channel (pooled pixels, each its 2×2 window as 4 rows, when
+        ``POOL``) of one member, ``BO`` output channels. Rows run over the member's images and pixels; the
+        reduction over (tap, channel) in blocks of ``BK``, the input gathered (zero padding by masks)."""
+        WIN: tl.constexpr = 4 if POOL else 1
+        BM: tl.constexpr = BQ * WIN
+        pid = tl.program_id(0)
+        o_blocks = tl.cdiv(C_out, BO)
+        tiles = tl.cdiv(units, BQ)
+        n = pid // (tiles * o_blocks)
+        t = (pid // o_blocks) % tiles
+        o = (pid % o_blocks) * BO + tl.arange(0, BO)
+        o_ok = o < C_out
+        m = tl.arange(0, BM)
+        u = t * BQ + m // WIN  # (image, output pixel) unit of row m
+        u_ok = u < units
+        b = u // Q
+        q = u % Q
+        if POOL:
+            oh = 2 * (q // Wq) + (m % WIN) // 2
+            ow = 2 * (q % Wq) + (m % WIN) % 2
+        else:
+            oh = q // Wq
+            ow = q % Wq
+        ih0 = oh * SH - PH
+        iw0 = ow * SW - PW
+        rows = x_ptr + n.to(tl.int64) * sxn + b.to(tl.int64) * sxb + ih0 * sxh + iw0 * sxw  # (BM,)
+        K = KH * KW * C
+        w_mem = w_ptr + n.to(tl.int64) * K * C_out
+        acc = tl.zeros((BM, BO), dtype=tl.float32 if PREC == "tf32" else x_ptr.dtype.element_ty)
+        for k0 in range(0, K, BK):
+            k = k0 + tl.arange(0, BK)
+            k_ok = k < K
+            tap = k // C
+            c = k % C
+            dh = (tap // KW) * DH
+            dw = (tap % KW) * DW
+            ih = ih0[:, None] + dh[None, :]
+            iw = iw0[:, None] + dw[None, :]
+            ok = u_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            xv = tl.load(rows[:, None] + (c * sxc + dh * sxh + dw * sxw)[None, :], mask=ok, other=0.0)
+            wv = tl.load(w_mem + k[:, None] * C_out + o[None, :], mask=k_ok[:, None] & o_ok[None, :], other=0.0)
+            acc = tl.dot(xv, wv, acc=acc, input_precision=PREC)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + n * sbias + o, mask=o_ok, other=0.0)[None, :]
+        if RELU:
+            acc = tl.maximum(acc, 0.0)
+        if POOL:
+            acc = tl.max(tl.reshape(acc, (BQ, WIN, BO)), axis=1)
+        uq = t * BQ + tl.arange(0, BQ)
+        bq = uq // Q
+        dest = out_ptr + ((n.to(tl.int64) * Bt + bq) * C_out) * Q + uq % Q  # (BQ,)
+        tl.store(dest[:, None] + (o * Q)[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=(uq < units)[:, None] & o_ok[None, :])
+
+    _conv2d_members_tuned = _autotune(
+        [triton.Config({"BQ": bq, "BK": bk}, num_warps=w, num_stages=s)
+         for bq, bk, w, s in ((32, 16, 4, 3), (64, 16, 4, 3), (32, 32, 4, 2), (16, 32, 4, 3))],
+        key=["Bt", "C", "H", "W", "C_out", "KH", "KW", "POOL", "PREC"],
+    )(_conv2d_members_kernel)

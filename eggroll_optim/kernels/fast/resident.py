@@ -223,9 +223,15 @@ if triton is not None:
     @triton.jit
     def _twin_layer1(xb, n, k, h0, a1_ptr, bn1_ptr, H, stride_a1_n, R: tl.constexpr, RP: tl.constexpr,
                      HAS_BN1: tl.constexpr, HC: tl.constexpr, EVEN_H: tl.constexpr):
-        """The + member's term ``[x B1_k | 1] [A1_n | bn1_k]ᵀ`` of one chunk (``n = 2k``; float16)."""
-        a1 = _a1_operand(a1_ptr, bn1_ptr, n, k, h0, H, stride_a1_n, R, RP, HAS_BN1, HC, EVEN_H)
-        return tl.dot(xb, a1, out_dtype=tl.float16)
+        """The + member's term ``x B1_k A1_nᵀ (+ bn1_k)`` of one chunk (``n = 2k``; float16): the bias noise
+        added as one row after the product (not as a column of it, which would double the padded rank)."""
+        a1 = _a1_operand(a1_ptr, bn1_ptr, n, k, h0, H, stride_a1_n, R, RP, False, HC, EVEN_H)
+        low = tl.dot(xb, a1, out_dtype=tl.float16)
+        if HAS_BN1:
+            hid = h0 + tl.arange(0, HC)
+            bn1 = tl.load(bn1_ptr + k * H + hid, mask=(hid < H) | EVEN_H, other=0.0)
+            low += _to_f16(bn1)[None, :]
+        return low
 
     @triton.jit
     def _twin_layer2(z0, zb0, z1, zb1, base_c, low, w2_c, n, h0, bb2_ptr, H, stride_bb2_n, stride_bb2_h,
@@ -247,7 +253,7 @@ if triton is not None:
         PER_SM: tl.constexpr, LOOKAHEAD: tl.constexpr,
     ):
         """``_mlp_resident_kernel`` for antithetic pairs: members ``2k`` and ``2k + 1`` share ``x B1_k`` and
-        carry ``±A1_k`` (and ``±bn1_k``, one row per pair, in column ``R`` as in the per-member kernel), so
+        carry ``±A1_k`` (and ``±bn1_k``, one row per pair, added to the product), so
         one tensor-core product per chunk gives the term ``L`` of both, ``pre± = base ± L`` (float16
         adds), and the pair shares its ``B2_k`` loads. ``xb_ptr`` holds one ``x B1`` per pair; ``N``
         counts members."""
@@ -258,7 +264,7 @@ if triton is not None:
         for k32 in range(lo, hi):
             k = tl.cast(k32, tl.int64)
             n = 2 * k  # the pair's + member; n + 1 is its - member
-            xb = _xb_operand(xb_ptr, k * stride_xb_n, rows, row_ok, stride_xb_m, R, RP, HAS_BN1)
+            xb = _xb_operand(xb_ptr, k * stride_xb_n, rows, row_ok, stride_xb_m, R, RP, False)
             z0 = tl.zeros((BM, BO), dtype=tl.float32)
             zb0 = tl.zeros((BM, 16), dtype=tl.float32)
             z1 = tl.zeros((BM, BO), dtype=tl.float32)
@@ -361,7 +367,7 @@ def launch_resident(base, xb, A1, bn1, W2, b2, B2, A2, bn2, out, twin=False):
     if twin:  # antithetic pairs: one layer-1 product per pair
         (_mlp_twin_even if fixed else _mlp_twin_tuned)[grid](
             base, xb, A1, bn1 if bn1 is not None else A1, w2t, b2, B2, A2, bn2, out, *sizes, R=R,
-            RP=_pow2(R + (bn1 is not None), 1), HAS_BN1=bn1 is not None, **flags)
+            RP=_pow2(R, 1), HAS_BN1=bn1 is not None, **flags)
         return out
     (_mlp_resident_even if fixed else _mlp_resident_tuned)[grid](
         base, xb, A1, bn1 if bn1 is not None else A1, w2t, b2, B2, A2, bn2, out, *sizes, R=R,

@@ -29,7 +29,7 @@ def fused_vs_dense(device: str, dtype=torch.float32, cases=CASES, hidden=32) -> 
         model = nn.Sequential(nn.Linear(12, hidden), act(), nn.Linear(hidden, 5)).to(device)
         opt = EggrollOptimizer(model, population_size=8, sigma=0.3, rank=3, evolve_biases=evolve)
         x = torch.randn(*shape, device=device)
-        with opt.ask() as population:
+        with opt.ask() as population, torch.no_grad():  # as step() runs it: autograd would take the torch path
             out = model(population.per_member(x) if shape[0] == 8 else x)
         noise = population.noise.chunk_noise(0, 8)
         lin1, _, lin2 = model

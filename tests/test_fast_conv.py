@@ -213,7 +213,7 @@ def test_conv_kernels_on_cuda(monkeypatch):
     previous = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False  # IEEE float32 products, as the reference's tolerance assumes
     try:
-        for case in DENSE_CASES + MNIST_WINDOWS:
+        for case in DENSE_CASES[1:2] + MNIST_WINDOWS:  # the rest under the interpreter (a compile a case here)
             namespace["dense_check"](case, "cuda", torch.float32)
     finally:
         torch.backends.cudnn.allow_tf32 = previous

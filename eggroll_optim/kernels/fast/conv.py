@@ -187,19 +187,14 @@ def conv2d_members(x, per_member: bool, weight, A, B, bias, stride, padding, dil
     def grid(meta):
         return (n * triton.cdiv(units, meta["BQ"]) * triton.cdiv(C_out, BO),)
 
-    # the reduction: tap by tap in blocks of channels where there are 16 or more (the gather's addresses
-    # per row, not per element), else over (tap, channel) pairs in blocks of 16 or 32
-    taps = C >= 16
-    BK = min(_pow2(C), 32) if taps else (16 if KH * KW * C <= 16 else 32)
     # interpreted (the tests): one small tile; on the GPU a short list, timed once a shape (cached on disk)
-    launch, tile = (_conv2d_members_kernel, dict(BQ=16)) if _interpreted() else (_conv2d_members_tuned, {})
+    launch, tile = (_conv2d_members_kernel, dict(BQ=16, BK=16)) if _interpreted() else (_conv2d_members_tuned, {})
     launch[grid](
         xs, kernels, bias if bias is not None else kernels, out,
-        Bt, C, H, W, Hq * Wq, Wq, C_out, units,
+        Bt, C, H, W, Wo, Hq * Wq, Wq, C_out, units,
         0 if not per_member else xs.stride(0), *xs.stride()[1:], 0 if bias is None or bias.dim() == 1 else C_out,
         KH=KH, KW=KW, SH=SH, SW=SW, PH=PH, PW=PW, DH=DH, DW=DW, HAS_BIAS=bias is not None, RELU=relu,
-        POOL=pool, PREC="tf32" if x.dtype == torch.float32 and conv_tf32() else "ieee", BO=BO, BK=BK, TAPS=taps,
-        **tile,
+        POOL=pool, PREC="tf32" if x.dtype == torch.float32 and conv_tf32() else "ieee", BO=BO, **tile,
     )
     return out
 
@@ -208,12 +203,11 @@ if triton is not None:
 
     @triton.jit
     def _conv2d_members_kernel(
-        x_ptr, w_ptr, bias_ptr, out_ptr, Bt, C, H, W, Q, Wq, C_out, units,
+        x_ptr, w_ptr, bias_ptr, out_ptr, Bt, C, H, W, Wo, Q, Wq, C_out, units,
         sxn, sxb, sxc, sxh, sxw, sbias,
         KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr,
         PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
-        POOL: tl.constexpr, PREC: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr, TAPS: tl.constexpr,
-        BQ: tl.constexpr,
+        POOL: tl.constexpr, PREC: tl.constexpr, BO: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
     ):
         """One program: ``BQ`` output values per channel (pooled pixels, each its 2×2 window as 4 rows, when
         ``POOL``) of one member, ``BO`` output channels. Rows run over the member's images and pixels; the
@@ -244,36 +238,19 @@ if triton is not None:
         K = KH * KW * C
         w_mem = w_ptr + n.to(tl.int64) * K * C_out
         acc = tl.zeros((BM, BO), dtype=tl.float32 if PREC == "tf32" else x_ptr.dtype.element_ty)
-        if TAPS:
-            for kh in tl.static_range(KH):
-                for kw in tl.static_range(KW):
-                    ih = ih0 + kh * DH
-                    iw = iw0 + kw * DW
-                    tap_ok = u_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                    tap_rows = rows + (kh * DH * sxh + kw * DW * sxw)
-                    for c0 in range(0, C, BK):
-                        c = c0 + tl.arange(0, BK)
-                        c_ok = c < C
-                        xv = tl.load(tap_rows[:, None] + (c * sxc)[None, :], mask=tap_ok[:, None] & c_ok[None, :],
-                                     other=0.0)
-                        k = (kh * KW + kw) * C + c
-                        wv = tl.load(w_mem + k[:, None] * C_out + o[None, :], mask=c_ok[:, None] & o_ok[None, :],
-                                     other=0.0)
-                        acc = tl.dot(xv, wv, acc=acc, input_precision=PREC)
-        else:
-            for k0 in range(0, K, BK):
-                k = k0 + tl.arange(0, BK)
-                k_ok = k < K
-                tap = k // C
-                c = k % C
-                dh = (tap // KW) * DH
-                dw = (tap % KW) * DW
-                ih = ih0[:, None] + dh[None, :]
-                iw = iw0[:, None] + dw[None, :]
-                ok = u_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                xv = tl.load(rows[:, None] + (c * sxc + dh * sxh + dw * sxw)[None, :], mask=ok, other=0.0)
-                wv = tl.load(w_mem + k[:, None] * C_out + o[None, :], mask=k_ok[:, None] & o_ok[None, :], other=0.0)
-                acc = tl.dot(xv, wv, acc=acc, input_precision=PREC)
+        for k0 in range(0, K, BK):
+            k = k0 + tl.arange(0, BK)
+            k_ok = k < K
+            tap = k // C
+            c = k % C
+            dh = (tap // KW) * DH
+            dw = (tap % KW) * DW
+            ih = ih0[:, None] + dh[None, :]
+            iw = iw0[:, None] + dw[None, :]
+            ok = u_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            xv = tl.load(rows[:, None] + (c * sxc + dh * sxh + dw * sxw)[None, :], mask=ok, other=0.0)
+            wv = tl.load(w_mem + k[:, None] * C_out + o[None, :], mask=k_ok[:, None] & o_ok[None, :], other=0.0)
+            acc = tl.dot(xv, wv, acc=acc, input_precision=PREC)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + n * sbias + o, mask=o_ok, other=0.0)[None, :]
         if RELU:
@@ -287,7 +264,7 @@ if triton is not None:
                  mask=(uq < units)[:, None] & o_ok[None, :])
 
     _conv2d_members_tuned = _autotune(
-        [triton.Config({"BQ": bq}, num_warps=w, num_stages=s)
-         for bq, w, s in ((32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 8, 2), (16, 4, 2))],
+        [triton.Config({"BQ": bq, "BK": bk}, num_warps=w, num_stages=s)
+         for bq, bk, w, s in ((32, 16, 4, 3), (64, 16, 4, 3), (32, 32, 4, 2), (16, 32, 4, 3))],
         key=["Bt", "C", "H", "W", "C_out", "KH", "KW", "POOL", "PREC"],
     )(_conv2d_members_kernel)

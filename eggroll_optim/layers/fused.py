@@ -13,9 +13,10 @@ insists and raises where they cannot run, ``False`` never uses them):
   (one Triton kernel on CUDA with the hidden layer kept on chip; ``kernels.cpu_mlp`` for a float32
   or float64 CPU input, shared or per member). Elsewhere the block runs layer by layer through the
   Linear rule: the same numbers up to rounding.
-- A 2-D conv without groups on a per-member input takes its low-rank term from
-  ``kernels.fast.conv`` (``layers.linear.conv_forward``; with ``fused=None`` or ``True``, falling back
-  to the conv under vmap where the kernel does not apply).
+- A 2-D conv without groups on a per-member input runs through ``kernels.fast.conv`` with each member's
+  own kernel (``layers.linear.conv_forward``), and a ``Sequential``'s ``Conv2d → ReLU → MaxPool2d(2)``
+  windows on any input through the same kernel with the ReLU and pooling fused (``layers.sequential``);
+  with ``fused=None`` or ``True``, both fall back to the modules under vmap where the kernel does not apply.
 """
 from __future__ import annotations
 

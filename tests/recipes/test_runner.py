@@ -95,7 +95,7 @@ def test_config_precedence_defaults_quick_then_flags():
     cfg = make_config("cartpole", parse(["--quick", "--device", "cpu", "--lr", "0.5", "--env-backend", "torch"]))
     assert (cfg.population_size, cfg.lr, cfg.env_backend, cfg.max_epochs) == (128, 0.5, "torch", 6)
     cnn = make_config("mnist_cnn", parse(["--device", "cpu", "--data-dir", "/d"]))
-    assert (cnn.model, cnn.population_size, cnn.batch_size, cnn.data_dir) == ("cnn", 2048, 64, "/d")
+    assert (cnn.model, cnn.population_size, cnn.batch_size, cnn.data_dir) == ("cnn", 4096, 64, "/d")
     assert make_config("hyperscale", parse(["--populations", "16,2^5", "--device", "cpu"])).populations == [16, 32]
 
 

@@ -183,6 +183,7 @@ def _recording_users(users: set, fired: set):
     def mark(module, args):
         if module in users:
             fired.add(module)
+    mark.eggroll_record = True  # ours: layers.sequential fuses windows under it (a user's global hook stops it)
     handle = nn.modules.module.register_module_forward_pre_hook(mark)
     try:
         yield

@@ -72,16 +72,15 @@ with torch.no_grad():
 
 # (per_member, relu, pool, bias, n, Bt, C, H, W, C_out, r, kernel, stride, padding, dilation): shared and
 # per-member inputs, each epilogue, shared and per-member biases, an odd pooled size (floor), C_out over one
-# block (BO = 64), a reduction over several blocks (C k_h k_w = 40 > BK), both reduction orders (C >= 16:
-# tap by tap)
+# block (BO = 64), a reduction over several blocks (C k_h k_w = 40 > BK), channels over one block (C = 20)
 DENSE_CASES = [
     (False, True, True, None, 3, 2, 1, 9, 7, 16, 4, (3, 3), 1, 1, 1),  # the MNIST CNN's first window
     (True, True, True, "member", 2, 3, 5, 8, 9, 6, 2, (3, 3), 1, 1, 1),
     (True, False, False, "shared", 2, 2, 10, 7, 6, 70, 3, (2, 2), (2, 1), (1, 0), 1),
     (False, True, False, "member", 2, 1, 3, 11, 10, 5, 1, (3, 3), 2, 2, 2),
     (True, False, True, None, 3, 1, 4, 7, 7, 3, 4, (1, 3), 1, (0, 1), 1),
-    (True, True, True, "shared", 2, 2, 20, 6, 7, 9, 2, (3, 3), 1, 1, 1),  # tap by tap, channels in two blocks
-    (False, True, False, None, 2, 1, 16, 5, 5, 4, 3, (2, 3), (1, 2), (1, 0), (2, 1)),  # tap by tap, one block
+    (True, True, True, "shared", 2, 2, 20, 6, 7, 9, 2, (3, 3), 1, 1, 1),
+    (False, True, False, None, 2, 1, 16, 5, 5, 4, 3, (2, 3), (1, 2), (1, 0), (2, 1)),
 ]
 
 DENSE = """
@@ -133,6 +132,21 @@ assert not conv2d_members_fits(x, True, w.requires_grad_(), 1, 1, A)  # autograd
 with torch.no_grad():
     assert conv2d_members_fits(x, True, w, 1, 1, A)
     assert conv2d_members_fits(x[0], False, w, 1, 1, A)
+    with torch.autocast("cpu", torch.bfloat16):  # autocast picks the modules' dtypes: the modules run
+        assert not conv2d_members_fits(x, True, w, 1, 1, A)
+# NaN passes the ReLU and the pool as in torch (the epilogue's max would otherwise drop it)
+xn = torch.randn(2, 1, 3, 6, 6)
+xn[0, 0, 1, 2, 3] = float("nan")
+wn, An, Bn = torch.randn(4, 3, 3, 3), torch.randn(2, 4, 2) * 0.1, torch.randn(2, 27, 2)
+got = conv2d_members(xn, True, wn, An, Bn, None, 1, 1, 1, True, True)
+want = torch.stack([F.max_pool2d(F.conv2d(xn[i], wn + (An[i] @ Bn[i].T).view(4, 3, 3, 3), padding=1).relu(), 2)
+                    for i in range(2)])
+assert torch.equal(got.isnan(), want.isnan()) and got.isnan().any(), (got.isnan().sum(), want.isnan().sum())
+try:  # an input too small for the conv and its pool
+    conv2d_members(xn[:, :, :, :3, :3], True, wn, An, Bn, None, 1, 0, 1, True, True)
+    raise AssertionError("no error")
+except ValueError as e:
+    assert "too small" in str(e)
 """)
 
 
@@ -149,7 +163,11 @@ linear.lowrank_conv2d_members = lambda *a, **k: calls.append(1) or kernel(*a, **
 linear.conv2d_members = lambda *a, **k: dense_calls.append(a[-2:]) or dense_kernel(*a, **k)
 
 
-def run(fused, device, grad=False):
+def opt_for(model, fused):
+    return EggrollOptimizer(model, population_size=6, rank=2, sigma=0.1, seed=3, fused=fused)
+
+
+def run(fused, device, grad=False, keep=False):
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(1, 6, 3, padding=1, bias=False), nn.ReLU(), nn.MaxPool2d(2),
@@ -157,10 +175,12 @@ def run(fused, device, grad=False):
         nn.Flatten(), nn.LazyLinear(3),
     ).to(device)
     model(torch.zeros(1, 1, 8, 8, device=device))
-    opt = EggrollOptimizer(model, population_size=6, rank=2, sigma=0.1, seed=3, fused=fused)
+    opt = opt_for(model, fused)
     x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1)).to(device)
     with torch.set_grad_enabled(grad), opt.ask():
         out = model(x)
+    if keep:
+        return out, opt
     if not grad:
         return out
     out.square().mean().backward()  # autograd through the population: the kernel stays out
@@ -175,6 +195,21 @@ def check(device):
     # the first conv's window (shared input, ReLU and pooling), the second's (ReLU), the third alone
     assert dense_calls == [(True, True), (True, False), (False, False)] and not calls, (dense_calls, calls)
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    # tell() after fused windows: the convs whose forward did not run still count as used
+    _, opt = run(None, device, keep=True)
+    opt.tell(torch.arange(6.0, device=device))
+    # too small for the second window's pool: torch's own error, as without the kernel
+    del dense_calls[:]
+    errors = []
+    for fused in (None, False):
+        torch.manual_seed(0)
+        small = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2)).to(device)
+        with opt_for(small, fused).ask():
+            try:
+                small(torch.zeros(2, 1, 3, 3, device=device))
+            except RuntimeError as e:
+                errors.append(str(e))
+    assert len(errors) == 2 and errors[0] == errors[1] and not dense_calls, (errors, dense_calls)
     kconv_limit = kconv._DENSE_MAX_BYTES
     kconv._DENSE_MAX_BYTES = 0  # dense kernels too large: the windows run module by module, the
     try:  # per-member convs take the low-rank kernel
@@ -225,3 +260,37 @@ def test_conv_kernels_on_cuda(monkeypatch):
         exec(POPULATION + "\ncheck('cuda')\n", {})
     finally:
         torch.backends.cudnn.allow_tf32 = previous
+
+
+def test_windows_are_exact_conv_relu_pool_runs_without_hooks():
+    """Which children form a window (``layers.sequential._window``): the pool must be 2×2 with stride 2, no
+    padding, dilation or ceil mode; the conv without groups, padding mode or string padding; no hooks."""
+    import torch.nn as nn
+
+    from eggroll_optim.layers import rule_for
+    from eggroll_optim.layers.sequential import _global_hooks, _window, has_window
+
+    conv, relu, pool = lambda **kw: nn.Conv2d(2, 3, 3, **kw), nn.ReLU, nn.MaxPool2d  # noqa: E731
+    assert _window([conv(), relu(), pool(2)], 0) == (3, True, True)
+    assert _window([conv(), relu(inplace=True), nn.Tanh()], 0) == (2, True, False)
+    assert _window([conv(), pool((2, 2), stride=2), relu()], 0) == (2, False, True)  # ReLU after the pool: apart
+    assert _window([conv(), nn.Identity()], 0) is None and _window([relu(), pool(2)], 0) is None
+    for other in (pool(2, stride=1), pool(2, padding=1), pool(3), pool(2, ceil_mode=True), pool(2, dilation=2),
+                  pool(2, return_indices=True)):
+        assert _window([conv(), relu(), other], 0) == (2, True, False), other
+    for c in (conv(groups=1, padding_mode="reflect", padding=1), conv(padding="same"),
+              nn.Conv2d(2, 4, 3, groups=2)):
+        assert _window([c, relu(), pool(2)], 0) is None
+    hooked = relu()
+    hooked.register_forward_hook(lambda *a: None)
+    assert _window([conv(), hooked, pool(2)], 0) is None
+    seq = nn.Sequential(nn.Flatten(), conv(), relu())
+    assert has_window(seq) and rule_for(seq).forward.__name__ == "sequential_forward"
+    assert rule_for(seq, fused=False) is None and not has_window(nn.Sequential(conv(), nn.Tanh()))
+    assert not _global_hooks()
+    handle = nn.modules.module.register_module_forward_hook(lambda *a: None)
+    try:
+        assert _global_hooks()
+    finally:
+        handle.remove()
+    assert not _global_hooks()

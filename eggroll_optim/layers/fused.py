@@ -3,8 +3,8 @@
 A rule's forward sees one member (vmap's logical view). A fused kernel wants the whole chunk at
 once: ``_vmap.physical`` turns a logical tensor into ``(n, ...)`` (or reports it shared: no member
 dim) and ``_vmap.logical`` hands a ``(n, ...)`` result back to vmap. These and this module's level
-checks use ``torch._C._functorch``, the functions ``torch.func`` is built on: the only private torch
-API in the package.
+checks use ``torch._C._functorch``, the functions ``torch.func`` is built on (with the global module
+hook tables that ``layers.sequential`` reads, the package's private torch API).
 
 Fused paths (``fused=`` of ``EggrollOptimizer``: ``None`` uses them where they apply, ``True``
 insists and raises where they cannot run, ``False`` never uses them):

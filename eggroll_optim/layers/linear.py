@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from torch._C import _functorch
 
-from ..kernels.fast.conv import conv2d_members, conv2d_members_fits, lowrank_conv2d_fits, lowrank_conv2d_members
+from ..kernels.fast.conv import (conv2d_members, conv2d_members_fits, conv2d_members_size, lowrank_conv2d_fits,
+                                 lowrank_conv2d_members)
 from ._vmap import logical, physical
 
 __all__ = [
@@ -104,6 +105,8 @@ def dense_conv2d(call, module: nn.Conv2d, x: torch.Tensor, padding=None, relu: b
     padding = module.padding if padding is None else padding
     if not conv2d_members_fits(xs, per_member, module.weight, module.groups, padding, A, B, bias):
         return None
+    if min(conv2d_members_size(*x.shape[-2:], module.weight, module.stride, padding, module.dilation, pool)) < 1:
+        return None  # too small: the modules raise torch's own error
     out = conv2d_members(xs, per_member, module.weight, A, B, bias, module.stride, padding, module.dilation,
                          relu, pool)
     return logical(out, call.level)

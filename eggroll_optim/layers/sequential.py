@@ -1,12 +1,12 @@
 """``nn.Sequential`` with conv windows: ``Conv2d → ReLU → MaxPool2d(2)`` (or either one after the conv) as one kernel.
 
 The rule runs the children in order as ``Sequential.forward`` does. Where a window starts (a stock
-``Conv2d`` without groups or a padding mode, then ``ReLU``, then a 2×2 ``MaxPool2d`` of stride 2, no
-hooks on any of them) and the conv's weight has factors, the window runs as one launch of
-``kernels.fast.conv.conv2d_members``: each member's kernel ``W + A_i B_iᵀ`` with the ReLU and the pooling
-in its epilogue, so the conv's full-size output is never written (a quarter of it is). Elsewhere, and
-wherever the kernel does not apply (``fused=False``, CPU, autograd), each child runs on its own: the
-same numbers up to rounding.
+``Conv2d`` without groups or a padding mode, then ``ReLU``, then a 2×2 ``MaxPool2d`` of stride 2; no
+hooks on any of them, no global module hooks) and the conv's weight has factors, the window runs as
+one launch of ``kernels.fast.conv.conv2d_members``: each member's kernel ``W + A_i B_iᵀ`` with the ReLU
+and the pooling in its epilogue, so the conv's full-size output is never written (a quarter of it is).
+Elsewhere, and wherever the kernel does not apply (``fused=False``, CPU, autocast, autograd, an input
+too small), each child runs on its own: the same numbers up to rounding, NaN included.
 """
 from __future__ import annotations
 
@@ -22,6 +22,15 @@ def _stock(module: nn.Module, cls: type) -> bool:
     """``module`` is a ``cls`` running ``cls.forward`` with no hooks of its own (fusing would skip them)."""
     return (isinstance(module, cls) and type(module).forward is cls.forward
             and not module._forward_hooks and not module._forward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    """A forward hook registered for every module (``register_module_forward_hook``, ``FlopCounterMode``, ...)
+    other than the population's own record of which modules ran: the windows' modules must run then."""
+    registered = nn.modules.module  # torch keeps these tables private; their absence means no hooks
+    hooks = [*getattr(registered, "_global_forward_pre_hooks", {}).values(),
+             *getattr(registered, "_global_forward_hooks", {}).values()]
+    return any(not getattr(hook, "eggroll_record", False) for hook in hooks)
 
 
 def _pool2(module: nn.Module) -> bool:
@@ -52,9 +61,10 @@ def has_window(seq: nn.Sequential) -> bool:
 
 def sequential_forward(call, seq: nn.Sequential, x: torch.Tensor):
     children = list(seq)
+    fuse = call.fused is not False and not _global_hooks()
     i = 0
     while i < len(children):
-        window = _window(children, i) if call.fused is not False and isinstance(x, torch.Tensor) else None
+        window = _window(children, i) if fuse and isinstance(x, torch.Tensor) else None
         if window is not None:
             length, relu, pool = window
             out = dense_conv2d(call, children[i], x, relu=relu, pool=pool)

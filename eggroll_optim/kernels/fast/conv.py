@@ -20,7 +20,7 @@ from ._triton import interpreted as _interpreted
 from ._triton import pow2 as _pow2
 from ._triton import tl, triton
 
-__all__ = ["conv2d_members", "conv2d_members_fits", "conv_tf32", "lowrank_conv2d_fits", "lowrank_conv2d_members", "member_kernels"]
+__all__ = ["conv2d_members", "conv2d_members_fits", "conv2d_members_size", "conv_tf32", "lowrank_conv2d_fits", "lowrank_conv2d_members", "member_kernels"]
 
 
 def lowrank_conv2d_fits(x: torch.Tensor, weight: torch.Tensor, groups: int, padding, rank: int, *others) -> bool:
@@ -136,7 +136,8 @@ def conv2d_members_fits(x: torch.Tensor, per_member: bool, weight: torch.Tensor,
                         A: torch.Tensor, *others) -> bool:
     """The dense kernel's case: Triton, float32 on CUDA (float32/float64 interpreted), the weights' dtype,
     one image batch per member (``(n, Bt, C, H, W)``) or a shared ``(Bt, C, H, W)``, a 2-D kernel without
-    groups, numeric padding, the chunk's per-member kernels within ``_DENSE_MAX_BYTES``, no autograd."""
+    groups, numeric padding, the chunk's per-member kernels within ``_DENSE_MAX_BYTES``, no autocast (its
+    output dtypes are the modules' to choose), no autograd."""
     n = A.shape[0]
     return (
         triton is not None
@@ -147,17 +148,28 @@ def conv2d_members_fits(x: torch.Tensor, per_member: bool, weight: torch.Tensor,
         and groups == 1
         and not isinstance(padding, str)
         and n * weight.numel() * x.element_size() <= _DENSE_MAX_BYTES
+        and not torch.is_autocast_enabled(x.device.type)
         and not needs_autograd(x, weight, A, *others)
     )
 
 
+def conv2d_members_size(H: int, W: int, weight: torch.Tensor, stride, padding, dilation, pool: bool) -> tuple[int, int]:
+    """The output's ``(H', W')`` for an ``H × W`` input (pooled: halved, rounded down); either is below 1
+    for an input too small, which torch's conv or pool rejects."""
+    (KH, KW), (SH, SW), (PH, PW), (DH, DW) = weight.shape[2:], _pair(stride), _pair(padding), _pair(dilation)
+    Ho, Wo = (H + 2 * PH - DH * (KH - 1) - 1) // SH + 1, (W + 2 * PW - DW * (KW - 1) - 1) // SW + 1
+    return (Ho // 2, Wo // 2) if pool else (Ho, Wo)
+
+
 def member_kernels(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """Every member's kernel ``W + A_i B_iᵀ`` as ``(n, k_h k_w C, C_out)``: rows in (tap, channel) order, the
-    layout ``_conv2d_members_kernel`` reads (``A (n, C_out, r)``, ``B (n, C k_h k_w, r)``)."""
+    layout ``_conv2d_members_kernel`` reads (``A (n, C_out, r)``, ``B (n, C k_h k_w, r)``), written by one
+    ``baddbmm`` (no full-size intermediate)."""
     C_out, C, KH, KW = weight.shape
-    n = A.shape[0]
-    full = torch.baddbmm(weight.reshape(1, C_out, -1), A.to(weight.dtype), B.to(weight.dtype).transpose(1, 2))
-    return full.view(n, C_out, C, KH, KW).permute(0, 3, 4, 2, 1).reshape(n, KH * KW * C, C_out).contiguous()
+    n, _, r = B.shape
+    w_rows = weight.permute(2, 3, 1, 0).reshape(1, KH * KW * C, C_out)  # (tap, channel) rows
+    b_rows = B.to(weight.dtype).view(n, C, KH, KW, r).permute(0, 2, 3, 1, 4).reshape(n, KH * KW * C, r)
+    return torch.baddbmm(w_rows, b_rows, A.to(weight.dtype).transpose(1, 2))
 
 
 def conv2d_members(x, per_member: bool, weight, A, B, bias, stride, padding, dilation, relu=False,
@@ -167,14 +179,16 @@ def conv2d_members(x, per_member: bool, weight, A, B, bias, stride, padding, dil
     ``B (n, C k_h k_w, r)``; ``bias`` ``None``, shared ``(C_out,)`` or per member ``(n, C_out)``. Returns
     ``(n, Bt, C_out, H', W')``. One implicit GEMM per member in one launch: the member's kernel is dense
     (it is ``C_out C k_h k_w`` numbers, built once a chunk), so a per-member input costs the base conv's
-    products alone, and the epilogue writes only the pooled map (a quarter of the conv's output)."""
+    products alone, and the epilogue writes only the pooled map (a quarter of the conv's output). NaN
+    passes through the ReLU and the pool as through torch's."""
     n = A.shape[0]
     xs = x if per_member else x.unsqueeze(0)
     _, Bt, C, H, W = xs.shape
     C_out, _, KH, KW = weight.shape
     (SH, SW), (PH, PW), (DH, DW) = _pair(stride), _pair(padding), _pair(dilation)
-    Ho, Wo = (H + 2 * PH - DH * (KH - 1) - 1) // SH + 1, (W + 2 * PW - DW * (KW - 1) - 1) // SW + 1
-    Hq, Wq = (Ho // 2, Wo // 2) if pool else (Ho, Wo)
+    Hq, Wq = conv2d_members_size(H, W, weight, stride, padding, dilation, pool)
+    if Hq < 1 or Wq < 1:
+        raise ValueError(f"conv2d_members: an input of {H}×{W} is too small for this conv{' and pool' * pool}")
     out = torch.empty((n, Bt, C_out, Hq, Wq), device=x.device, dtype=x.dtype)
     if out.numel() == 0:
         return out
@@ -191,7 +205,7 @@ def conv2d_members(x, per_member: bool, weight, A, B, bias, stride, padding, dil
     launch, tile = (_conv2d_members_kernel, dict(BQ=16, BK=16)) if _interpreted() else (_conv2d_members_tuned, {})
     launch[grid](
         xs, kernels, bias if bias is not None else kernels, out,
-        Bt, C, H, W, Wo, Hq * Wq, Wq, C_out, units,
+        Bt, C, H, W, Hq * Wq, Wq, C_out, units,
         0 if not per_member else xs.stride(0), *xs.stride()[1:], 0 if bias is None or bias.dim() == 1 else C_out,
         KH=KH, KW=KW, SH=SH, SW=SW, PH=PH, PW=PW, DH=DH, DW=DW, HAS_BIAS=bias is not None, RELU=relu,
         POOL=pool, PREC="tf32" if x.dtype == torch.float32 and conv_tf32() else "ieee", BO=BO, **tile,
@@ -202,8 +216,13 @@ def conv2d_members(x, per_member: bool, weight, A, B, bias, stride, padding, dil
 if triton is not None:
 
     @triton.jit
+    def _max_nan(a, b):
+        """The larger of ``a`` and ``b``, NaN if either is (``max_pool2d``'s rule; ``tl.max`` would drop it)."""
+        return tl.where((a > b) | (a != a), a, b)
+
+    @triton.jit
     def _conv2d_members_kernel(
-        x_ptr, w_ptr, bias_ptr, out_ptr, Bt, C, H, W, Wo, Q, Wq, C_out, units,
+        x_ptr, w_ptr, bias_ptr, out_ptr, Bt, C, H, W, Q, Wq, C_out, units,
         sxn, sxb, sxc, sxh, sxw, sbias,
         KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr,
         PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
@@ -254,9 +273,9 @@ if triton is not None:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + n * sbias + o, mask=o_ok, other=0.0)[None, :]
         if RELU:
-            acc = tl.maximum(acc, 0.0)
+            acc = tl.where(acc < 0.0, 0.0, acc)  # NaN stays NaN, as in torch.relu
         if POOL:
-            acc = tl.max(tl.reshape(acc, (BQ, WIN, BO)), axis=1)
+            acc = tl.reduce(tl.reshape(acc, (BQ, WIN, BO)), 1, _max_nan)
         uq = t * BQ + tl.arange(0, BQ)
         bq = uq // Q
         dest = out_ptr + ((n.to(tl.int64) * Bt + bq) * C_out) * Q + uq % Q  # (BQ,)

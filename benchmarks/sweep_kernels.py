@@ -11,10 +11,13 @@
   rows   the counter-noise rows kernels (``kernels.fast.counter_linear``) alone on the microbenchmark's
          shapes: x (1024, 8192) bf16, rank 1; next to ``x @ W.T`` and ``addmm`` for scale; two launches (projection
          in parts, then the output blocks) or one, warps of each
+  conv   the dense conv kernel (``kernels.fast.conv.conv2d_members``) on the MNIST CNN's two windows
+         (Conv2d → ReLU → MaxPool2d(2), chunks of 512 members, B=64, TF32): row tile BQ, reduction block
+         BK, warps, stages; next to cuDNN's conv + ReLU + pool of the same images and the window's floor
 Timer: ``triton.testing.do_bench`` (L2 flushed, median); the rows kernels as CUDA-graph replays. The
 autotune lists in the kernels come from here; the launch choices are set through
 ``kernels.fast._triton.pinned``, never through the kernels' arguments.
-Usage: python benchmarks/sweep_kernels.py [rows] [parts] [mlp] [resident]
+Usage: python benchmarks/sweep_kernels.py [rows] [parts] [mlp] [resident] [conv]
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import sys
 import torch
 
 from eggroll_optim.kernels.fast._triton import pinned, triton
+from eggroll_optim.kernels.fast.conv import conv2d_members
 from eggroll_optim.kernels.fast.counter_linear import launch_counter_rows
 from eggroll_optim.kernels.fast.mlp import _fused
 from eggroll_optim.kernels.fast.rows import rows_lowrank_delta
@@ -158,10 +162,53 @@ def sweep_rows():
         print(f"rows best: {ms:.4f} ms split {split} parts {parts} warps {warps}")
 
 
+def sweep_conv():
+    """The MNIST CNN's windows at chunks of 512 members and B=64, TF32 (torch's default for convs)."""
+    import torch.nn.functional as F
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    n, Bt, r = 512, 64, 4
+    peak = 345e12  # the H200's measured TF32 matmul peak (benchmarks/RESULTS.md, run AZ); bandwidth 4.25e12 B/s
+    windows = [  # (name, input, per_member, weight)
+        ("conv1 (shared 1x28x28 -> 16)", torch.randn(Bt, 1, 28, 28, device="cuda", generator=g), False,
+         torch.randn(16, 1, 3, 3, device="cuda", generator=g) * 0.3),
+        ("conv2 (per member 16x14x14 -> 32)", torch.randn(n, Bt, 16, 14, 14, device="cuda", generator=g), True,
+         torch.randn(32, 16, 3, 3, device="cuda", generator=g) * 0.1),
+    ]
+    for name, x, per_member, W in windows:
+        C_out, C, KH, KW = W.shape
+        A = torch.randn(n, C_out, r, device="cuda", generator=g) * 0.01
+        B = torch.randn(n, C * KH * KW, r, device="cuda", generator=g)
+        H, Wd = x.shape[-2:]
+        flops = 2 * n * Bt * H * Wd * C_out * C * KH * KW
+        bytes_ = 4 * (x.numel() + n * Bt * C_out * H * Wd // 4)
+        floor = max(flops / peak, bytes_ / 4.25e12) * 1e3
+        images = x.reshape(-1, C, H, Wd) if per_member else x.repeat(n, 1, 1, 1)
+        plain = bench(lambda: F.max_pool2d(F.relu(F.conv2d(images, W, padding=1)), 2))
+        tuned = bench(lambda: conv2d_members(x, per_member, W, A, B, None, 1, 1, 1, True, True))
+        print(f"conv {name}: {flops / 1e9:.1f} GFLOP, floor {floor:.3f} ms; cuDNN conv+relu+pool of the same "
+              f"images {plain:.3f} ms; autotuned {tuned:.3f} ms", flush=True)
+        results = []
+        for bq, bk, warps, stages in itertools.product((16, 32, 64, 128), (16, 32, 64), (4, 8), (2, 3, 4)):
+            if bq * 4 * max(16, C_out) > 128 * 32 * warps:  # the accumulator past ~128 registers a thread
+                continue
+            with pinned(conv=dict(BQ=bq, BK=bk, num_warps=warps, num_stages=stages)):
+                try:
+                    ms = bench(lambda: conv2d_members(x, per_member, W, A, B, None, 1, 1, 1, True, True))
+                except Exception as e:  # a config the compiler refuses (shared memory): skip it
+                    print(f"conv {name} BQ {bq} BK {bk} warps {warps} stages {stages}: {type(e).__name__}")
+                    continue
+            results.append((ms, bq, bk, warps, stages))
+            print(f"conv {name} BQ {bq} BK {bk} warps {warps} stages {stages}: {ms:.3f} ms", flush=True)
+        for ms, bq, bk, warps, stages in sorted(results)[:4]:
+            print(f"conv {name} best: {ms:.3f} ms ({floor / ms:.2f} of the floor) BQ {bq} BK {bk} warps {warps} "
+                  f"stages {stages}")
+
+
 if __name__ == "__main__":
     if not torch.cuda.is_available() or triton is None:
         sys.exit("sweep_kernels.py times the CUDA kernels: it needs a CUDA GPU and Triton")
-    which = sys.argv[1:] or ["rows", "parts", "mlp", "resident"]
+    which = sys.argv[1:] or ["rows", "parts", "mlp", "resident", "conv"]
     if "parts" in which:
         mlp_parts()
     if "rows" in which:
@@ -170,3 +217,5 @@ if __name__ == "__main__":
         sweep_mlp()
     if "resident" in which:
         sweep_resident()
+    if "conv" in which:
+        sweep_conv()

@@ -11,8 +11,9 @@ and the launchers read them through ``pinned_choice`` alone:
   ``~/.triton/cache``, where Triton keeps its compiled kernels too): a second process on the same GPU,
   Triton and kernel source reuses them instead of timing every config again (its cold start is the
   compile cache's load). Not under the interpreter or ``EGGROLL_AUTOTUNE=first``.
-- ``with pinned(config=..., resident=..., h16=...):`` the launchers inside the block use these
-  choices instead of their own (``kernels.fast.mlp`` says which it reads).
+- ``with pinned(config=..., resident=..., h16=..., conv=...):`` the launchers inside the block use these
+  choices instead of their own (``kernels.fast.mlp`` says which it reads; ``conv``: the dense conv
+  kernel's ``BQ``, ``BK``, ``num_warps``, ``num_stages``).
 """
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ import torch
 from ..checks import needs_autograd
 from ._triton import autotune as _autotune
 from ._triton import interpreted as _interpreted
+from ._triton import pinned_choice as _pinned_choice
 from ._triton import pow2 as _pow2
 from ._triton import tl, triton
 
@@ -201,14 +202,16 @@ def conv2d_members(x, per_member: bool, weight, A, B, bias, stride, padding, dil
     def grid(meta):
         return (n * triton.cdiv(units, meta["BQ"]) * triton.cdiv(C_out, BO),)
 
-    # interpreted (the tests): one small tile; on the GPU a short list, timed once a shape (cached on disk)
-    launch, tile = (_conv2d_members_kernel, dict(BQ=16, BK=16)) if _interpreted() else (_conv2d_members_tuned, {})
+    # a pinned choice (tests, benchmarks/sweep_kernels.py); interpreted: one small tile; on the GPU a short
+    # list, timed once a shape (cached on disk)
+    tile = _pinned_choice("conv") or (dict(BQ=16, BK=16) if _interpreted() else None)
+    launch = _conv2d_members_tuned if tile is None else _conv2d_members_kernel
     launch[grid](
         xs, kernels, bias if bias is not None else kernels, out,
         Bt, C, H, W, Hq * Wq, Wq, C_out, units,
         0 if not per_member else xs.stride(0), *xs.stride()[1:], 0 if bias is None or bias.dim() == 1 else C_out,
         KH=KH, KW=KW, SH=SH, SW=SW, PH=PH, PW=PW, DH=DH, DW=DW, HAS_BIAS=bias is not None, RELU=relu,
-        POOL=pool, PREC="tf32" if x.dtype == torch.float32 and conv_tf32() else "ieee", BO=BO, **tile,
+        POOL=pool, PREC="tf32" if x.dtype == torch.float32 and conv_tf32() else "ieee", BO=BO, **(tile or {}),
     )
     return out
 

@@ -247,7 +247,7 @@ def test_conv_kernels_on_cuda(monkeypatch):
     monkeypatch.setenv("EGGROLL_AUTOTUNE", "first")  # one compile a shape, not the whole list's
     namespace = {}
     exec(CHECK + DENSE, namespace)
-    for case in CASES:
+    for case in (CASES[1], CASES[4]):  # the low-rank kernel (a fallback now): the interpreter runs the rest
         namespace["check"](case, "cuda", torch.float32)
     namespace["check"](CASES[1], "cuda", torch.float64)
     previous = torch.backends.cudnn.allow_tf32

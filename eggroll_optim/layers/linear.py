@@ -15,6 +15,10 @@ never through ``E_i``:
 Under vmap an input without the member dim (a shared batch) gives one base product for all members.
 A bias with per-member noise arrives as a per-member tensor and is added after the shared product,
 so the product itself stays shared.
+
+The one place a member's ``W + E_i`` is formed: a 2-D conv on a per-member input with Triton
+(``dense_conv2d``), where the base conv is per member anyway and the member's kernel is small
+(``C_out · C_in · prod k`` numbers, built once a chunk); the conv then costs its base products alone.
 """
 from __future__ import annotations
 
@@ -79,7 +83,7 @@ def conv_forward(call, module, x: torch.Tensor) -> torch.Tensor:
     out = _plus(out, _channel_bias(module.bias, spatial))
     if factors is None:
         return out
-    fast = _fused_conv2d(call, module, xp, out, padding)
+    fast = _lowrank_conv2d(call, module, xp, out, padding)
     if fast is not None:
         return fast
     A, B = factors  # (C_out, r), (C_in/g * prod k, r)
@@ -112,9 +116,10 @@ def dense_conv2d(call, module: nn.Conv2d, x: torch.Tensor, padding=None, relu: b
     return logical(out, call.level)
 
 
-def _fused_conv2d(call, module, x: torch.Tensor, out: torch.Tensor, padding) -> torch.Tensor | None:
-    """``out + conv(x_i, A_i B_iᵀ)`` by ``kernels.fast.conv`` on the whole chunk, outside vmap, where it
-    applies (a per-member input of a 2-D conv without groups, ``fused`` not ``False``); else ``None``."""
+def _lowrank_conv2d(call, module, x: torch.Tensor, out: torch.Tensor, padding) -> torch.Tensor | None:
+    """``out + conv(x_i, A_i B_iᵀ)`` by ``kernels.fast.conv.lowrank_conv2d_members`` on the whole chunk, outside
+    vmap, where ``dense_conv2d`` did not apply but this does (a per-member input of a 2-D conv without groups,
+    ``fused`` not ``False``: chunks whose dense kernels are too large); else ``None``."""
     if call.fused is False or module.weight.dim() != 4:
         return None
     xs, per_member = physical(x, call.level)

@@ -1,4 +1,4 @@
-"""``nn.Sequential`` with conv windows: ``Conv2d → ReLU → MaxPool2d(2)`` (or either one after the conv) as one kernel.
+"""``nn.Sequential`` with conv windows: ``Conv2d → ReLU → MaxPool2d(2)`` (or the conv and either one) in one kernel.
 
 The rule runs the children in order as ``Sequential.forward`` does. Where a window starts (a stock
 ``Conv2d`` without groups or a padding mode, then ``ReLU``, then a 2×2 ``MaxPool2d`` of stride 2; no

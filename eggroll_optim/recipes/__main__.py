@@ -81,8 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=["sgd", "adam", "adamw"],
                    help="inner torch.optim optimizer (sgd = the seed's update)")
     p.add_argument("--weight-decay", type=float, metavar="W",
-                   help="the inner optimizer's weight decay (adamw: decoupled; sgd, adam: L2); default 0, with adamw 0.05")
-    p.add_argument("--hidden", type=int, metavar="H", help="hidden units: mnist_mlp's (784-H-10) or cartpole's policy (4-H-2); default 256")
+                   help="the inner optimizer's weight decay (adamw: decoupled; sgd, adam: L2); default 0, "
+                        "with adamw 0.05")
+    p.add_argument("--hidden", type=int, metavar="H",
+                   help="hidden units: mnist_mlp's (784-H-10) or cartpole's policy (4-H-2); default 256")
     p.add_argument("--max-epochs", type=int, metavar="STEPS", help="ES steps (hyperscale: timed steps per size)")
     p.add_argument("--chunk-size", type=int, metavar="N", help="evaluate the population in chunks of N (even)")
     p.add_argument("--batch-size", type=int, metavar="B", help="MNIST minibatch / arithmetic problems per ES step")

@@ -58,12 +58,13 @@ class MnistConfig(RunConfig):
         return MLP_HIDDEN if self.hidden is None else self.hidden
 
 
-# Defaults: the best configurations measured on one H200 (benchmarks/RESULTS.md, section 7, runs AU to AX).
+# Defaults: the best configurations measured on one H200 (benchmarks/RESULTS.md, section 7).
 # MLP: AdamW's weight decay (ADAMW_DECAY), without which every configuration fit its batches (train loss
-# ~1e-3) and stopped at 97.5-97.8 % test accuracy; lr 0.01 -> 1e-4. CNN: the step count fills ~110 s of
-# training (the fused conv windows: ~19 ms a step at N=4096), lr and sigma decay to 5 % and 30 %; chunks
-# of 512 keep the captured step's memory pool near 1.2 GB. The seed's recipes stay one flag set away, e.g. MLP: --optimizer sgd --lr 0.1 --sigma 0.15
-# --sigma-decay 0.999 --lr-decay 1 --population-size 4096 --batch-size 256 --max-epochs 100.
+# ~1e-3) and stopped at 97.5-97.8 % test accuracy; lr 0.01 -> 1e-4. CNN (runs BA-BC): the step count fills
+# ~110 s of training (the fused conv windows: ~19 ms a step at N=4096), lr and sigma decay to 5 % and 30 %;
+# chunks of 512 keep the captured step's memory pool near 1.2 GB. The seed's recipes stay one flag set
+# away, e.g. MLP: --optimizer sgd --lr 0.1 --sigma 0.15 --sigma-decay 0.999 --lr-decay 1
+# --population-size 4096 --batch-size 256 --max-epochs 100.
 MLP = dict(model="mlp", optimizer="adamw", population_size=16384, batch_size=512, lr=0.01,
            lr_decay=0.99953958, sigma=0.05, sigma_decay=1.0, max_epochs=10000, eval_every=2000)
 CNN = dict(model="cnn", optimizer="adam", population_size=4096, batch_size=64, chunk_size=512, lr=0.01,

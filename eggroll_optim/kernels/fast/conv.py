@@ -1,14 +1,20 @@
-"""A 2-D convolution's low-rank term for per-member inputs, fused (Triton).
+"""2-D convolutions of a population chunk in one Triton launch each, on per-member or shared inputs.
 
-For member ``i`` with input ``x_i (Bt, C, H, W)`` and factors ``A_i (C_out, r)``, ``B_i (C k_h k_w, r)``
-(the kernel ``(C_out, C, k_h, k_w)`` as the matrix ``(C_out, C k_h k_w)``, SPEC §3), one kernel writes
-``out_i = base_i + conv(x_i, A_i B_iᵀ)``: per output pixel the ``r`` features
-``z = Σ_{c, taps} x_i[c, tap] B_i[(c, tap), :]`` stay in registers and are mixed by ``A_i`` at once.
+For member ``i`` the kernel ``(C_out, C, k_h, k_w)`` is the matrix ``(C_out, C k_h k_w)`` perturbed by
+``A_i (C_out, r)``, ``B_i (C k_h k_w, r)`` (SPEC §3). Two kernels:
 
-Under vmap the same term is a convolution of ``n`` groups (one per member, ``r`` filters each), which
-cuDNN runs as one small kernel launch per member plus layout conversions, and then a batched GEMM
-for the mix (``benchmarks/RESULTS.md``, section 5): here it is one launch that reads each input
-once and writes the output once. ``kernels.conv.lowrank_conv_delta`` is the plain-torch twin.
+- ``conv2d_members`` (the main path): each member's own kernel ``W + A_i B_iᵀ``, built once a chunk
+  (``member_kernels``, one ``baddbmm``: ``C_out C k_h k_w`` numbers a member), in one implicit GEMM over
+  the chunk, TF32 where torch's conv flag allows it. On a per-member input it costs the base conv's
+  products alone (the base conv is per member there anyway); an epilogue can apply ReLU and a 2×2 max-pool,
+  so a ``Conv2d → ReLU → MaxPool2d(2)`` window (``layers.sequential``) writes a quarter of the conv's output.
+- ``lowrank_conv2d_members`` (where a chunk's kernels would pass ``_DENSE_MAX_BYTES``): ``base_i +
+  conv(x_i, A_i B_iᵀ)`` with the base conv given; per output pixel the ``r`` features
+  ``z = Σ_{c, taps} x_i[c, tap] B_i[(c, tap), :]`` stay in registers and are mixed by ``A_i`` at once.
+  ``kernels.conv.lowrank_conv_delta`` is its plain-torch twin.
+
+Under vmap the low-rank term is a convolution of ``n`` groups (one per member), which cuDNN runs as one
+launch per member plus layout conversions (``benchmarks/RESULTS.md``, sections 5 and 7).
 """
 from __future__ import annotations
 
@@ -21,7 +27,8 @@ from ._triton import pinned_choice as _pinned_choice
 from ._triton import pow2 as _pow2
 from ._triton import tl, triton
 
-__all__ = ["conv2d_members", "conv2d_members_fits", "conv2d_members_size", "conv_tf32", "lowrank_conv2d_fits", "lowrank_conv2d_members", "member_kernels"]
+__all__ = ["conv2d_members", "conv2d_members_fits", "conv2d_members_size", "conv_tf32", "lowrank_conv2d_fits",
+           "lowrank_conv2d_members", "member_kernels"]
 
 
 def lowrank_conv2d_fits(x: torch.Tensor, weight: torch.Tensor, groups: int, padding, rank: int, *others) -> bool:
@@ -115,8 +122,6 @@ if triton is not None:
             base = tl.load(base_pix[:, None] + o[None, :] * sbc, mask=ok, other=0.0)
             tl.store(out_pix[:, None] + o[None, :] * (Ho * Wo), base + delta, mask=ok)
 
-
-# ---- per-member weights, dense: the conv of a member's own kernel W + A_i B_iᵀ, with an optional epilogue ----
 
 _DENSE_MAX_BYTES = 1 << 28  # a chunk's per-member kernels beyond this: the low-rank paths instead
 
